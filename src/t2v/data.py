@@ -1,0 +1,554 @@
+"""Training data: real videos prepared into verified tar shards, and the clip sources the
+trainer reads (prepared shards, or the endless Moving Shapes stream).
+
+Shards use the WebDataset layout: ``shard-000000.tar`` holds ``KEY.npy`` (uint8 clip
+(T, H, W, 3)), ``KEY.txt`` (caption) and ``KEY.json`` (where the clip came from), and
+``manifest.json`` lists every shard with its SHA-256 and every input that was skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from t2v.text import PromptError, normalize
+from t2v.video import VideoError, read_video
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "t2v-shards", 1
+VIDEO_SUFFIXES = frozenset(
+    ".mp4 .webm .mkv .mov .avi .gif .m4v .mpg .mpeg .ogv .flv .wmv .ts".split()
+)
+PATH_COLUMNS = ("path", "file", "video", "videoid")
+CAPTION_COLUMNS = ("caption", "text", "name")
+EVAL_CLIPS = 240  # size of the fixed Moving Shapes evaluation list ("shapes:eval")
+
+
+class DataError(Exception):
+    """Data that cannot be prepared or used; the message says what to do in one sentence."""
+
+
+@dataclass
+class PrepareConfig:
+    """How clips are cut from the source videos; saved in the manifest."""
+
+    frames: int = 16
+    size: tuple[int, int] = (64, 64)  # (H, W)
+    fps: float = 8.0
+    shard_max_mb: float = 256  # MiB
+    max_failure_fraction: float = 0.1
+    path_column: str | None = None
+    caption_column: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.size, int):
+            self.size = (self.size, self.size)
+        self.size = tuple(self.size)
+        if not (
+            self.frames >= 1
+            and len(self.size) == 2
+            and min(self.size) >= 1
+            and self.fps > 0
+            and self.shard_max_mb > 0
+            and 0 <= self.max_failure_fraction <= 1
+        ):
+            raise ValueError(
+                "Need frames >= 1, a positive size, fps > 0, shard_max_mb > 0 and "
+                f"0 <= max_failure_fraction <= 1, not {self}."
+            )
+
+
+# --- listing the inputs --------------------------------------------------------------------
+
+
+@dataclass
+class _Input:
+    path: Path
+    source: str  # how the manifest names it
+    caption: str | None = None
+    error: str | None = None  # why it is skipped before decoding, if it is
+
+
+def _caption_input(path: Path, root: Path, text: str | None, missing: str) -> _Input:
+    source = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    if text is None:
+        return _Input(path, source, error=f"caption: {missing}")
+    try:
+        return _Input(path, source, caption=normalize(text))
+    except PromptError as e:
+        return _Input(path, source, error=f"caption: {e}")
+
+
+def _folder_inputs(videos: Path) -> list[_Input]:
+    """Every video under ``videos`` (sorted), captioned by its sidecar ``.txt``."""
+    inputs = []
+    for path in sorted(videos.rglob("*")):
+        if path.suffix.lower() not in VIDEO_SUFFIXES or path.name.startswith("."):
+            continue
+        sidecar = path.with_suffix(".txt")
+        try:
+            text, missing = sidecar.read_text(encoding="utf-8"), ""
+        except FileNotFoundError:
+            text, missing = None, f"no {sidecar.name} next to the video"
+        except (OSError, UnicodeDecodeError):
+            text, missing = None, f"{sidecar.name} is not readable UTF-8 text"
+        inputs.append(_caption_input(path, videos, text, missing))
+    return inputs
+
+
+def _table_rows(table: Path) -> list[dict]:
+    suffix = table.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        raise DataError(f"Captions file {table} must be a .csv, .tsv or .jsonl file.")
+    try:
+        with open(table, encoding="utf-8-sig", newline="") as f:
+            if suffix in (".csv", ".tsv"):
+                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            rows = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"Captions file {table} does not exist.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise DataError(
+            f"Captions file {table} cannot be parsed ({e}); fix it and retry."
+        ) from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise DataError(f"Every line of {table} must be a JSON object with path and caption keys.")
+    return rows
+
+
+def _column(rows: list[dict], chosen: str | None, candidates: tuple[str, ...], what: str) -> str:
+    found = list(rows[0]) if rows else []
+    for name in [chosen] if chosen else candidates:
+        if name in found:
+            return name
+    wanted = repr(chosen) if chosen else "any of " + ", ".join(candidates)
+    raise DataError(
+        f"The captions file has no {what} column ({wanted}); its columns are {found}, so pass "
+        f"{what}_column=."
+    )
+
+
+def _table_inputs(
+    table: Path, videos: Path | None, path_column: str | None, caption_column: str | None
+) -> list[_Input]:
+    """One input per row; a path without a suffix (WebVid's ``videoid``) gets ``.mp4``."""
+    rows = _table_rows(table)
+    path_col = _column(rows, path_column, PATH_COLUMNS, "path")
+    caption_col = _column(rows, caption_column, CAPTION_COLUMNS, "caption")
+    root = videos if videos is not None else table.parent
+    inputs = []
+    for row in rows:
+        name = str(row.get(path_col) or "").strip()
+        if not name:
+            inputs.append(_Input(root, f"row {len(inputs) + 1}", error="no video path"))
+            continue
+        path = root / (name if Path(name).suffix else name + ".mp4")
+        text = row.get(caption_col)
+        inputs.append(_caption_input(path, root, None if text is None else str(text), "missing"))
+    return inputs
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def _decode(job: tuple[str, int, tuple[int, int], float]) -> np.ndarray | str:
+    """The clip, or why the video cannot give one (runs in a worker process)."""
+    path, frames, size, fps = job
+    try:
+        return read_video(path, frames, fps, 0.0, size)
+    except VideoError as e:
+        return e.reason
+    except Exception as e:  # one odd file must not end a long run
+        return f"unexpected {type(e).__name__}: {e}"
+
+
+def _decode_all(jobs: list, workers: int) -> Iterator[np.ndarray | str]:
+    """Results in job order; at most a few jobs per worker in flight, to bound memory."""
+    if workers <= 1:
+        yield from map(_decode, jobs)
+        return
+    # spawn: workers must not inherit the parent's threads (torch, tqdm) through fork.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(_decode, job))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# --- shards --------------------------------------------------------------------------------
+
+
+def _tar_size(payload: int) -> int:
+    """Bytes of a tar file whose members take ``payload`` bytes (end blocks, 10 KiB records)."""
+    return -(-(payload + 1024) // 10240) * 10240
+
+
+class _ShardWriter:
+    """Writes samples into shard-000000.tar, ... each at most ``max_bytes`` (unless one
+    sample alone is larger); a shard gets its final name only once complete."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._name = ""
+        self._payload = self._count = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        size = sum(512 + -(-len(data) // 512) * 512 for data in members.values())
+        if self._tar is not None and _tar_size(self._payload + size) > self.max_bytes:
+            self.close()
+        if self._tar is None:
+            self._name = f"shard-{len(self.shards):06d}.tar"
+            self._tar = tarfile.open(
+                self.out / f"{self._name}.part", "w", format=tarfile.USTAR_FORMAT
+            )
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: reproducible
+            self._tar.addfile(info, io.BytesIO(data))
+        self._payload += size
+        self._count += 1
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        path = self.out / self._name
+        os.replace(path.with_name(f"{self._name}.part"), path)
+        self.shards.append({"name": self._name, "sha256": _sha256(path), "samples": self._count})
+        self._tar, self._payload, self._count = None, 0, 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _json_bytes(data: dict, indent: int | None = None) -> bytes:
+    return json.dumps(data, indent=indent, ensure_ascii=False).encode("utf-8")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(_json_bytes(data, indent=1) + b"\n")
+    os.replace(part, path)
+
+
+# --- prepare and verify --------------------------------------------------------------------
+
+
+def prepare(
+    videos: Path | None,
+    out: Path,
+    captions: Path | None = None,
+    *,
+    frames: int = 16,
+    size: int | tuple[int, int] = 64,
+    fps: float = 8.0,
+    path_column: str | None = None,
+    caption_column: str | None = None,
+    shard_max_mb: float = 256,
+    max_failure_fraction: float = 0.1,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Decode one clip per video into tar shards under ``out`` and return the manifest.
+
+    Inputs are the videos in the folder ``videos`` with sidecar ``.txt`` captions, or the
+    rows of ``captions`` (CSV/TSV/JSONL with path and caption columns; relative paths are
+    under ``videos``, else beside the captions file). Unreadable inputs are skipped and
+    listed in the manifest; more than ``max_failure_fraction`` of them raises DataError.
+    ``workers`` > 1 decodes in that many processes.
+    """
+    # 1. Check the options and list the inputs.
+    config = PrepareConfig(
+        frames=frames,
+        size=size,
+        fps=fps,
+        shard_max_mb=shard_max_mb,
+        max_failure_fraction=max_failure_fraction,
+        path_column=path_column,
+        caption_column=caption_column,
+    )
+    videos = Path(videos) if videos is not None else None
+    if captions is not None:
+        inputs = _table_inputs(Path(captions), videos, path_column, caption_column)
+    elif videos is not None and videos.is_dir():
+        inputs = _folder_inputs(videos)
+    else:
+        raise DataError(f"Give a folder of videos (not {videos}) or a captions file to prepare.")
+    if not inputs:
+        raise DataError(f"Found no videos in {captions or videos}; add some and run again.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # never leave a manifest naming stale shards
+
+    # 2. Decode in worker processes; write samples in input order, whatever the scheduling.
+    writer = _ShardWriter(out, int(config.shard_max_mb * 2**20))
+    jobs = [(str(i.path), frames, config.size, fps) for i in inputs if i.error is None]
+    limit = max_failure_fraction * len(inputs) + 1e-9
+    skipped: list[dict] = []
+    with (
+        closing(_decode_all(jobs, workers)) as results,
+        tqdm(total=len(inputs), disable=not progress, unit="clip", desc="preparing") as bar,
+    ):
+        for index, item in enumerate(inputs):
+            result = item.error or next(results)
+            if isinstance(result, str):
+                skipped.append({"source": item.source, "reason": result})
+                if len(skipped) > limit:
+                    break  # the run has failed whatever the rest holds
+            else:
+                meta = {"source": item.source, "frames": frames, "fps": fps, "size": [*config.size]}
+                npy, txt = _npy_bytes(result), item.caption.encode("utf-8")
+                writer.add(f"{index:09d}", {"npy": npy, "txt": txt, "json": _json_bytes(meta)})
+            bar.update()
+    writer.close()
+
+    # 3. Record everything, including what was skipped, even when the run failed.
+    complete = len(skipped) <= limit
+    settings = asdict(config) | {"size": [*config.size]}  # JSON has lists, not tuples
+    settings |= {"videos": videos and str(videos), "captions": captions and str(captions)}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "complete": complete,
+        "inputs": len(inputs),
+        "samples": sum(s["samples"] for s in writer.shards),
+        "config": settings,
+        "shards": writer.shards,
+        "skipped": skipped,
+    }
+    _write_json(out / MANIFEST, manifest)
+    keep = {s["name"] for s in writer.shards}
+    for old in [*out.glob("shard-*.tar"), *out.glob("shard-*.tar.part")]:
+        if old.name not in keep:  # left by an earlier run into the same folder
+            old.unlink()
+    if not complete:
+        raise DataError(
+            f"{len(skipped)} of {len(inputs)} inputs failed "
+            f"({100 * len(skipped) / len(inputs):.0f}%), over the "
+            f"{100 * max_failure_fraction:g}% limit, so prepare stopped; see 'skipped' in "
+            f"{out / MANIFEST} for the reasons."
+        )
+    return manifest
+
+
+def _load_manifest(shards_dir: Path) -> dict:
+    path = shards_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{shards_dir} has no {MANIFEST}; run prepare to create it.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); run prepare again.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{path} is not a t2v shard manifest; run prepare to create one.")
+    if manifest.get("version") != VERSION:
+        raise DataError(
+            f"{path} has version {manifest.get('version')}, not {VERSION}; rerun prepare."
+        )
+    if not manifest.get("complete"):
+        raise DataError(
+            f"{path} records a failed preparation; fix the inputs and run prepare again."
+        )
+    return manifest
+
+
+def _index_shard(path: Path) -> list[tuple[int, int, int, int]]:
+    """(npy offset, npy size, txt offset, txt size) of each sample, in file order."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = member
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"{path.name}: not a readable tar file ({e}); run prepare again.") from None
+    index = []
+    for key, members in samples.items():
+        if "npy" not in members or "txt" not in members:
+            raise DataError(f"{path.name}: sample {key} lacks its .npy or .txt; run prepare again.")
+        npy, txt = members["npy"], members["txt"]
+        index.append((npy.offset_data, npy.size, txt.offset_data, txt.size))
+    return index
+
+
+def verify(shards_dir: Path) -> dict:
+    """Re-hash every shard and count its samples against the manifest; returns the manifest."""
+    shards_dir = Path(shards_dir)
+    manifest = _load_manifest(shards_dir)
+    total = 0
+    for shard in manifest["shards"]:
+        name = shard["name"]
+        path = shards_dir / name
+        if not path.is_file():
+            raise DataError(f"{name}: missing from {shards_dir}; run prepare again.")
+        if _sha256(path) != shard["sha256"]:
+            raise DataError(f"{name}: SHA-256 mismatch, so the file changed; run prepare again.")
+        count = len(_index_shard(path))
+        if count != shard["samples"]:
+            raise DataError(f"{name}: holds {count} samples, manifest says {shard['samples']}.")
+        total += count
+    if total != manifest["samples"]:
+        raise DataError(f"The shards hold {total} samples, manifest says {manifest['samples']}.")
+    return manifest
+
+
+_verify = verify  # ShardSource's `verify` flag shadows the function
+
+
+# --- clip sources for training -------------------------------------------------------------
+
+
+class ClipSource(Protocol):
+    def batch(
+        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[np.ndarray, list[str]]:
+        """uint8 (B, T, H, W, 3) clips and their captions; a pure function of its arguments
+        (so resuming at a step reproduces the data exactly), and different ranks get
+        different samples."""
+        ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]: ...
+
+
+def _first_index(step: int, batch_size: int, rank: int, world_size: int) -> int:
+    """Global index of the first sample of (step, rank): ranks take consecutive slices."""
+    if step < 0 or batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"Need step >= 0, batch_size >= 1 and 0 <= rank < world_size, not "
+            f"{step}, {batch_size}, {rank}, {world_size}."
+        )
+    return step * batch_size * world_size + rank * batch_size
+
+
+class _Source:
+    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
+        """Endless (video (3, T, H, W) in [-1, 1], caption) in the order of batch(0, 1), ..."""
+        for step in itertools.count():
+            clips, captions = self.batch(step, 1)
+            yield to_model_tensor(clips)[0], captions[0]
+
+
+class ShapesSource(_Source):
+    """The Moving Shapes stream: endless seeded training clips, or the fixed eval list cycled."""
+
+    def __init__(self, split: str = "train", seed: int = 0):
+        if split not in ("train", "eval"):
+            raise ValueError(f"Unknown Moving Shapes split {split!r}; use 'train' or 'eval'.")
+        # Imported here so decoding workers, which import this module, skip torch.
+        from t2v import shapes
+
+        self._shapes, self.split, self.seed = shapes, split, seed
+        self._eval = shapes.eval_specs(EVAL_CLIPS, seed) if split == "eval" else None
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        start = _first_index(step, batch_size, rank, world_size)
+        if self._eval is None:
+            return self._shapes.train_batch(self.seed, start, batch_size)
+        specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
+        return self._shapes.render(specs), [s.caption for s in specs]
+
+
+class ShardSource(_Source):
+    """Prepared shards, read at random by (step, rank): sample ``g`` is entry ``g % N`` of a
+    permutation of the N samples seeded by (seed, epoch ``g // N``)."""
+
+    def __init__(self, shards_dir, verify: bool = True, seed: int = 0):
+        self.dir, self.seed = Path(shards_dir), seed
+        self.manifest = _verify(self.dir) if verify else _load_manifest(self.dir)
+        self._paths = [self.dir / s["name"] for s in self.manifest["shards"]]
+        rows = [(i, *entry) for i, p in enumerate(self._paths) for entry in _index_shard(p)]
+        if not rows:
+            raise DataError(f"{self.dir} holds no samples; prepare some videos first.")
+        self._index = np.array(rows, dtype=np.int64)  # (N, 5): shard, npy off/size, txt off/size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a batch seldom spans more than two epochs
+                self._perms.pop(next(iter(self._perms)))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(len(self._index))
+        return self._perms[epoch]
+
+    def _read(self, i: int) -> tuple[np.ndarray, str]:
+        shard, npy_at, npy_size, txt_at, txt_size = (int(v) for v in self._index[i])
+        with open(self._paths[shard], "rb") as f:
+            f.seek(npy_at)
+            clip = np.load(io.BytesIO(f.read(npy_size)), allow_pickle=False)
+            f.seek(txt_at)
+            return clip, f.read(txt_size).decode("utf-8")
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        start = _first_index(step, batch_size, rank, world_size)
+        n = len(self._index)
+        samples = [
+            self._read(self._permutation(g // n)[g % n]) for g in range(start, start + batch_size)
+        ]
+        return np.stack([clip for clip, _ in samples]), [caption for _, caption in samples]
+
+
+def open_source(spec: str, seed: int = 0) -> ClipSource:
+    """Moving Shapes for "shapes", "shapes:train" or "shapes:eval", else the shards in the
+    folder ``spec`` (write ./shapes for a folder of that name)."""
+    spec = str(spec)
+    if spec == "shapes" or spec.startswith("shapes:"):
+        return ShapesSource(spec.partition(":")[2] or "train", seed)
+    if not Path(spec).is_dir():
+        raise DataError(
+            f"{spec!r} is neither 'shapes', 'shapes:train', 'shapes:eval' nor a folder of "
+            "prepared shards."
+        )
+    return ShardSource(spec, seed=seed)
+
+
+def to_model_tensor(clips: np.ndarray) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
+    import torch  # here, so decoding workers that import this module skip torch
+
+    ok = isinstance(clips, np.ndarray) and clips.dtype == np.uint8 and clips.ndim == 5
+    if not ok or clips.shape[-1] != 3:
+        raise ValueError("Clips must be a uint8 array (B, T, H, W, 3).")
+    x = torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
+    return x.contiguous().float().div_(127.5).sub_(1.0)

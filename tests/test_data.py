@@ -1,0 +1,258 @@
+"""Preparing real videos into shards, verifying them, and the clip sources the trainer reads."""
+
+import csv
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from t2v.data import (
+    EVAL_CLIPS,
+    DataError,
+    ShapesSource,
+    ShardSource,
+    open_source,
+    prepare,
+    to_model_tensor,
+    verify,
+)
+from t2v.video import write_video
+
+GOOD = 6
+OPTIONS = dict(frames=8, size=32, fps=8.0, progress=False)
+
+
+def clip(i: int) -> np.ndarray:
+    """12 frames at 8 fps: flat colour i, with the frame index in the green channel."""
+    frames = np.zeros((12, 32, 32, 3), np.uint8)
+    frames[..., 0] = 30 + 30 * i
+    frames[..., 1] = (np.arange(12) * 16)[:, None, None]
+    frames[..., 2] = 200
+    return frames
+
+
+def red_levels(clips: np.ndarray) -> list[int]:
+    """Which clip(i) each clip is, read back from its red level."""
+    return [round((c[..., 0].mean() - 30) / 30) for c in clips]
+
+
+def make_videos(folder, sidecars: bool = True):
+    """GOOD good videos, then the three kinds of broken file, each with a caption."""
+    folder.mkdir()
+    for i in range(GOOD):
+        write_video(clip(i), folder / f"clip{i}.mp4", fps=8)
+        if sidecars:
+            (folder / f"clip{i}.txt").write_text(f"  clip   number {i}\n", encoding="utf-8")
+    (folder / "zero.mp4").touch()
+    data = (folder / "clip0.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (folder / "text.mp4").write_text("not a video at all\n" * 50)
+    if sidecars:
+        for name in ("zero", "truncated", "text"):
+            (folder / f"{name}.txt").write_text(f"a {name} file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    videos = make_videos(root / "videos")
+    (videos / "nocaption.mp4").write_bytes((videos / "clip1.mp4").read_bytes())
+    manifest = prepare(
+        videos, root / "shards", shard_max_mb=0.06, max_failure_fraction=0.5, workers=2, **OPTIONS
+    )
+    return root, manifest
+
+
+def test_prepare_writes_shards_and_skips_bad_inputs_with_reasons(prepared):
+    root, manifest = prepared
+    assert manifest["samples"] == GOOD and manifest["inputs"] == GOOD + 4
+    reasons = {s["source"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"zero.mp4", "truncated.mp4", "text.mp4", "nocaption.mp4"}
+    assert "empty" in reasons["zero.mp4"]
+    assert "not a video" in reasons["text.mp4"]
+    assert reasons["truncated.mp4"]
+    assert reasons["nocaption.mp4"] == "caption: no nocaption.txt next to the video"
+    assert json.loads((root / "shards" / "manifest.json").read_text()) == manifest
+
+    clips, captions, metas = [], [], []
+    for shard in manifest["shards"]:
+        with tarfile.open(root / "shards" / shard["name"]) as tar:
+            names = tar.getnames()
+            assert len(names) == 3 * shard["samples"]
+            for name in names:
+                data = tar.extractfile(name).read()
+                if name.endswith(".npy"):
+                    clips.append(np.load(io.BytesIO(data), allow_pickle=False))
+                elif name.endswith(".txt"):
+                    captions.append(data.decode("utf-8"))
+                else:
+                    metas.append(json.loads(data))
+    assert captions == [f"clip number {i}" for i in range(GOOD)]  # normalised, input order
+    assert red_levels(clips) == list(range(GOOD))
+    assert all(c.shape == (8, 32, 32, 3) and c.dtype == np.uint8 for c in clips)
+    assert np.abs(clips[2][..., 1].mean(axis=(1, 2)) - np.arange(8) * 16).max() < 3
+    assert [m["source"] for m in metas] == [f"clip{i}.mp4" for i in range(GOOD)]
+    assert metas[0]["frames"] == 8 and metas[0]["size"] == [32, 32] and metas[0]["fps"] == 8
+
+
+def test_shards_respect_the_size_bound(prepared):
+    root, manifest = prepared
+    assert len(manifest["shards"]) > 1
+    assert [s["name"] for s in manifest["shards"]][:2] == ["shard-000000.tar", "shard-000001.tar"]
+    for shard in manifest["shards"]:
+        assert (root / "shards" / shard["name"]).stat().st_size <= 0.06 * 2**20
+    assert sum(s["samples"] for s in manifest["shards"]) == GOOD
+
+
+def test_prepare_is_reproducible_with_one_worker(prepared, tmp_path):
+    root, manifest = prepared
+    again = prepare(
+        root / "videos", tmp_path, shard_max_mb=0.06, max_failure_fraction=0.5, workers=1, **OPTIONS
+    )
+    assert again["shards"] == manifest["shards"]  # same bytes, whatever the scheduling
+
+
+def test_verify_names_the_changed_or_missing_shard(prepared, tmp_path):
+    root, manifest = prepared
+    assert verify(root / "shards")["samples"] == GOOD
+    copy = tmp_path / "shards"
+    copy.mkdir()
+    for path in (root / "shards").iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    shard = copy / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="^shard-000001.tar: SHA-256 mismatch"):
+        verify(copy)
+    with pytest.raises(DataError, match="shard-000001.tar"):
+        ShardSource(copy)
+    ShardSource(copy, verify=False)  # opening without verification still works
+
+    shard.unlink()
+    with pytest.raises(DataError, match="^shard-000001.tar: missing"):
+        verify(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        verify(copy)
+    with pytest.raises(DataError, match="no manifest.json"):
+        verify(tmp_path)
+
+
+def test_verify_checks_sample_counts(prepared, tmp_path):
+    root, manifest = prepared
+    name = manifest["shards"][0]["name"]
+    (tmp_path / name).write_bytes((root / "shards" / name).read_bytes())
+    shards = [dict(manifest["shards"][0], samples=manifest["shards"][0]["samples"] + 1)]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest | {"shards": shards}))
+    with pytest.raises(DataError, match=f"^{name}: holds 2 samples, manifest says 3"):
+        verify(tmp_path)
+
+
+def test_too_many_failures_stop_with_data_error_but_keep_the_record(prepared, tmp_path):
+    root, _ = prepared
+    with pytest.raises(DataError, match=r"of 10 inputs failed \(\d+%\), over the 10% limit"):
+        prepare(root / "videos", tmp_path, max_failure_fraction=0.1, workers=1, **OPTIONS)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["complete"] is False and len(manifest["skipped"]) >= 2
+    with pytest.raises(DataError, match="failed preparation"):
+        verify(tmp_path)
+
+
+def test_webvid_csv_and_jsonl_inputs(tmp_path):
+    videos = make_videos(tmp_path / "videos", sidecars=False)
+    for i in range(3):
+        (videos / f"clip{i}.mp4").rename(videos / f"{1000 + i}.mp4")
+    with open(tmp_path / "webvid.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
+        for i in range(3):
+            writer.writerow([1000 + i, "http://x", "PT00H00M12S", "000", f"Video {i}"])
+        writer.writerow([9999, "http://x", "PT00H00M12S", "000", "a missing file"])
+        writer.writerow([5555, "http://x", "PT00H00M12S", "000", "   "])
+    manifest = prepare(
+        videos, tmp_path / "a", tmp_path / "webvid.csv", max_failure_fraction=0.5, **OPTIONS
+    )
+    assert manifest["samples"] == 3
+    reasons = {s["source"]: s["reason"] for s in manifest["skipped"]}
+    assert list(reasons) == ["9999.mp4", "5555.mp4"]
+    assert reasons["9999.mp4"] == "no such file"
+    assert reasons["5555.mp4"].startswith("caption: The prompt is empty")
+    captions = ShardSource(tmp_path / "a").batch(0, 3)[1]
+    assert sorted(captions) == ["Video 0", "Video 1", "Video 2"]
+
+    # JSONL beside the videos, custom column names, paths relative to the file's folder.
+    lines = [{"clip": f"videos/clip{i}.mp4", "desc": f"jsonl {i}"} for i in range(3, GOOD)]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    manifest = prepare(
+        None,
+        tmp_path / "b",
+        tmp_path / "list.jsonl",
+        path_column="clip",
+        caption_column="desc",
+        workers=1,
+        **OPTIONS,
+    )
+    assert manifest["samples"] == 3 and manifest["skipped"] == []
+    with pytest.raises(DataError, match="no caption column"):
+        prepare(None, tmp_path / "c", tmp_path / "list.jsonl", path_column="clip", **OPTIONS)
+
+
+def test_shard_source_is_deterministic_and_splits_ranks(prepared):
+    root, _ = prepared
+    a, b = ShardSource(root / "shards", seed=3), ShardSource(root / "shards", seed=3)
+    clips, captions = a.batch(5, 2, rank=1, world_size=2)
+    assert clips.shape == (2, 8, 32, 32, 3) and clips.dtype == np.uint8
+    again, same = b.batch(5, 2, rank=1, world_size=2)
+    assert same == captions and np.array_equal(again, clips)
+    assert red_levels(clips) == [int(c.split()[-1]) for c in captions]  # clip matches caption
+
+    # One epoch (6 samples) over three ranks holds every sample once.
+    epoch = [c for r in range(3) for c in a.batch(0, 2, rank=r, world_size=3)[1]]
+    assert sorted(epoch) == sorted(f"clip number {i}" for i in range(GOOD))
+    assert a.batch(0, 6)[1] != a.batch(1, 6)[1]  # each epoch is shuffled afresh
+    assert ShardSource(root / "shards", seed=4).batch(0, 6)[1] != a.batch(0, 6)[1]
+
+    stream = iter(a)
+    for step in range(3):
+        tensor, caption = next(stream)
+        clip_, (expected,) = a.batch(step, 1)
+        assert caption == expected
+        assert torch.equal(tensor, to_model_tensor(clip_)[0])
+
+
+def test_open_source_for_both_kinds(prepared):
+    root, _ = prepared
+    assert isinstance(open_source(str(root / "shards")), ShardSource)
+    train = open_source("shapes", seed=1)
+    assert isinstance(train, ShapesSource)
+    clips, captions = train.batch(2, 2, rank=0, world_size=2)
+    assert clips.shape == (2, 16, 64, 64, 3) and clips.dtype == np.uint8
+    other, other_captions = train.batch(2, 2, rank=1, world_size=2)
+    assert not np.array_equal(clips, other) and captions != other_captions
+    again = open_source("shapes:train", seed=1).batch(2, 2, rank=0, world_size=2)
+    assert np.array_equal(again[0], clips) and again[1] == captions
+
+    evaluation = open_source("shapes:eval")
+    first = evaluation.batch(0, 1)
+    assert np.array_equal(evaluation.batch(EVAL_CLIPS, 1)[0], first[0])  # the list cycles
+    assert first[1] != evaluation.batch(1, 1)[1]
+    with pytest.raises(ValueError, match="Unknown Moving Shapes split"):
+        open_source("shapes:test")
+    with pytest.raises(DataError, match="neither 'shapes'"):
+        open_source(str(root / "nowhere"))
+
+
+def test_to_model_tensor_layout_and_range():
+    clips = np.zeros((2, 3, 4, 5, 3), np.uint8)
+    clips[1, 2, 3, 4] = (255, 0, 128)
+    x = to_model_tensor(clips)
+    assert x.shape == (2, 3, 3, 4, 5) and x.dtype == torch.float32
+    assert x[1, :, 2, 3, 4].tolist() == pytest.approx([1.0, -1.0, 128 / 127.5 - 1], abs=1e-6)
+    assert x.min() == -1.0
+    with pytest.raises(ValueError, match="uint8"):
+        to_model_tensor(clips.astype(np.float32))
