@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from t2v import evaluate as ev
+from t2v import reader
 from t2v.shapes import COLORS, HELD_OUT_PAIRS, eval_specs, render, train_spec, write_dataset
 from t2v.video import read_video
 
@@ -39,7 +40,7 @@ def test_reader_reads_raw_renders(eval_clips):
     assert set(result["groups"]) == {"single_seen", "single_heldout", "two_object"}
     check_reads_back(result)
     assert result["overall"]["temporal_consistency"] >= 0.98
-    objects = ev.read_clip(clips[2])  # a two-object clip
+    objects = reader.read_clip(clips[2])  # a two-object clip
     read = {tuple(o[a] for a in ATTRS) for o in objects}
     assert read == {tuple(label[a] for a in ATTRS) for label in specs[2].labels()}
 
@@ -86,9 +87,9 @@ def test_reader_tolerates_blur_noise_and_specks(eval_clips):
 
 
 def test_blank_clip_reads_as_nothing():
-    assert ev.read_clip(np.zeros((16, 64, 64, 3), np.uint8)) == []
+    assert reader.read_clip(np.zeros((16, 64, 64, 3), np.uint8)) == []
     with pytest.raises(ValueError, match="uint8"):
-        ev.read_clip(np.zeros((16, 64, 64, 3), np.float32))
+        reader.read_clip(np.zeros((16, 64, 64, 3), np.float32))
 
 
 def test_eval_set_covers_four_groups_without_overlap():
@@ -131,14 +132,14 @@ def test_paraphrases_never_occur_in_training_captions():
 
 
 def test_frechet_distance_separates_renders_from_garbage(rendered):
-    a, b = ev.clip_features(rendered[1][:150]), ev.clip_features(rendered[1][150:])
-    blank = ev.clip_features(np.zeros((20, 16, 64, 64, 3), np.uint8))
+    a, b = reader.clip_features(rendered[1][:150]), reader.clip_features(rendered[1][150:])
+    blank = reader.clip_features(np.zeros((20, 16, 64, 64, 3), np.uint8))
     noise = np.random.default_rng(0).integers(0, 256, (20, 16, 64, 64, 3), dtype=np.uint8)
-    floor = ev.frechet_distance(a, b)
-    assert ev.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    floor = reader.frechet_distance(a, b)
+    assert reader.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     assert floor < 0.5
-    assert ev.frechet_distance(a, blank) > 10 * floor
-    assert ev.frechet_distance(a, ev.clip_features(noise)) > 10 * floor
+    assert reader.frechet_distance(a, blank) > 10 * floor
+    assert reader.frechet_distance(a, reader.clip_features(noise)) > 10 * floor
 
 
 class RenderingGenerator:
