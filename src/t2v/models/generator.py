@@ -1,0 +1,113 @@
+"""Latent video generator: a diffusion transformer (Peebles & Xie 2023, "DiT") over latent
+patches, conditioned on the flow time through adaLN-Zero modulation shared across blocks
+(adaLN-single, Chen et al. 2023 "PixArt-alpha") and on the text through cross-attention.
+
+The network predicts a velocity; it knows nothing of flow matching or sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from t2v.models.layers import MLP, Attention, timestep_embedding
+from t2v.models.text_encoders import TextEncoding
+
+
+@dataclass
+class GeneratorConfig:
+    latent_channels: int = 8
+    latent_frames: int = 4
+    latent_size: int = 8
+    patch_t: int = 1
+    patch_s: int = 2
+    width: int = 256
+    depth: int = 8
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 256  # the text encoder's output_dim
+    cond_dropout: float = 0.1  # share of captions replaced by "" in training, for guidance
+
+    def validate(self) -> None:
+        if self.latent_frames % self.patch_t or self.latent_size % self.patch_s:
+            raise ValueError("the latent grid must divide by the patch size")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must divide by heads {self.heads}")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.latent_frames // self.patch_t, self.latent_size // self.patch_s,
+                self.latent_size // self.patch_s)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Self-attention, cross-attention to text, MLP; adaLN-Zero gates on the residuals."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        d = cfg.width
+        self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.attn = Attention(d, cfg.heads)
+        self.ln_x = nn.LayerNorm(d)
+        self.cross = Attention(d, cfg.heads, context_dim=cfg.text_dim)
+        self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = MLP(d, cfg.mlp_ratio)
+        # This block's learned offset to the shared modulation (adaLN-single).
+        self.mod_bias = nn.Parameter(torch.zeros(6, d))
+
+    def forward(self, x, mod, text: TextEncoding):
+        """x: (B, N, D); mod: (B, 6, D) shared time modulation; text tokens (B, L, Dt)."""
+        sh1, sc1, g1, sh2, sc2, g2 = (mod + self.mod_bias).unbind(1)  # each (B, D)
+        x = x + g1[:, None] * self.attn(_modulate(self.ln1(x), sh1, sc1))
+        x = x + self.cross(self.ln_x(x), text.tokens, text.mask)
+        return x + g2[:, None] * self.mlp(_modulate(self.ln2(x), sh2, sc2))
+
+
+class LatentGenerator(nn.Module):
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = c = config
+        d = c.width
+        patch_dim = c.latent_channels * c.patch_t * c.patch_s**2
+        gt, gh, gw = c.grid
+        self.patch_in = nn.Linear(patch_dim, d)
+        # Factorised learned positions: time + row + column.
+        self.pos_t = nn.Parameter(torch.randn(gt, 1, 1, d) * 0.02)
+        self.pos_h = nn.Parameter(torch.randn(1, gh, 1, d) * 0.02)
+        self.pos_w = nn.Parameter(torch.randn(1, 1, gw, d) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.text_pool = nn.Linear(c.text_dim, d)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
+        self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
+        self.out_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.patch_out = nn.Linear(d, patch_dim)
+        # adaLN-Zero: every block starts as the identity and the output as zero.
+        for layer in (self.modulation[-1], self.out_mod[-1], self.patch_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
+        """x: (B, C, T, H, W) latents at flow time t (B,) -> velocity of the same shape."""
+        c = self.config
+        gt, gh, gw = c.grid
+        tokens = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t h w (c pt ph pw)",
+                           pt=c.patch_t, ph=c.patch_s, pw=c.patch_s)
+        h = self.patch_in(tokens) + self.pos_t + self.pos_h + self.pos_w  # (B, T, H, W, D)
+        h = h.flatten(1, 3)  # (B, N, D)
+        cond = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
+        cond = cond + self.text_pool(text.pooled.to(h.dtype))  # (B, D)
+        mod = self.modulation(cond).unflatten(1, (6, c.width))  # (B, 6, D)
+        for block in self.blocks:
+            h = block(h, mod, text)
+        shift, scale = self.out_mod(cond).chunk(2, dim=1)
+        out = self.patch_out(_modulate(self.ln_out(h), shift, scale))  # (B, N, patch_dim)
+        return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+                         t=gt, h=gh, w=gw, pt=c.patch_t, ph=c.patch_s, pw=c.patch_s)
