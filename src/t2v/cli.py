@@ -1,0 +1,341 @@
+"""The `t2v` command: data, train, generate, eval, serve, keys.
+
+Heavy imports (torch, av) happen inside the handlers so that `t2v --help` is instant.
+Knob names match the Python API and the web API: prompt, negative_prompt, seed, steps,
+guidance, format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+FORMAT_CHOICES = ("mp4", "webm", "gif", "png")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _parser(sub, name: str, help: str, description: str | None = None):
+    return sub.add_parser(
+        name, help=help, description=description or help, formatter_class=_Formatter
+    )
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def _add_data(sub) -> None:
+    data = _parser(sub, "data", "Make, prepare and verify training data.")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    p = _parser(
+        dsub, "shapes", "Render Moving Shapes clips to DIR/0000.mp4, ... and DIR/index.jsonl."
+    )
+    p.add_argument("--count", type=int, required=True, help="number of clips")
+    p.add_argument(
+        "--split",
+        choices=("train", "eval"),
+        default="train",
+        help="train: the endless stream without held-out pairs; eval: the fixed list",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=_data_shapes)
+
+    p = _parser(dsub, "prepare", "Decode, sample, resize and crop videos into verified shards.")
+    p.add_argument(
+        "--videos",
+        type=Path,
+        help="folder of videos (with sidecar .txt captions unless --captions is given)",
+    )
+    p.add_argument(
+        "--captions",
+        type=Path,
+        help="CSV or JSONL file of video path and caption "
+        "columns (WebVid-style videoid,name works)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder for the shards and manifest.json"
+    )
+    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--size", type=int, default=64, help="clip height and width in pixels")
+    p.add_argument("--fps", type=float, default=8.0, help="frames per second to sample at")
+    p.add_argument("--path-column", help="column holding the video path (default: detected)")
+    p.add_argument("--caption-column", help="column holding the caption (default: detected)")
+    p.add_argument("--shard-max-mb", type=float, default=256.0, help="largest shard size")
+    p.add_argument(
+        "--max-failure-fraction",
+        type=float,
+        default=0.1,
+        help="stop with an error when more than this share of inputs fails",
+    )
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.set_defaults(func=_data_prepare)
+
+    p = _parser(dsub, "verify", "Re-hash every shard and check the sample counts.")
+    p.add_argument("shards", type=Path, help="shard folder written by `t2v data prepare`")
+    p.set_defaults(func=_data_verify)
+
+
+def _data_shapes(a) -> None:
+    from t2v.shapes import write_dataset
+
+    if a.count < 1:
+        raise ValueError("--count must be at least 1.")
+    print(write_dataset(a.out, a.count, a.split, a.seed))
+
+
+def _data_prepare(a) -> None:
+    from t2v.data import prepare
+
+    if a.videos is None and a.captions is None:
+        raise ValueError("Give --videos DIR, --captions FILE, or both.")
+    manifest = prepare(
+        a.videos,
+        a.out,
+        a.captions,
+        frames=a.frames,
+        size=a.size,
+        fps=a.fps,
+        path_column=a.path_column,
+        caption_column=a.caption_column,
+        shard_max_mb=a.shard_max_mb,
+        max_failure_fraction=a.max_failure_fraction,
+        workers=a.workers,
+    )
+    print(
+        f"{manifest['samples']} clips in {len(manifest['shards'])} shards, "
+        f"{len(manifest['skipped'])} inputs skipped: {a.out / 'manifest.json'}"
+    )
+
+
+def _data_verify(a) -> None:
+    from t2v.data import verify
+
+    result = verify(a.shards)
+    print(f"ok: {result['samples']} clips in {len(result['shards'])} shards")
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = _parser(
+        sub,
+        "train",
+        "Train the autoencoder or the generator stage.",
+        "Train one stage of a model. Run `autoencoder` first, then `generator`; the "
+        "generator stage trains a from-scratch text encoder with it and writes the "
+        "model folder RUN_DIR/model. Works unchanged under `torchrun`.",
+    )
+    p.add_argument("stage", choices=("autoencoder", "generator"), help="what to train")
+    p.add_argument("--config", type=Path, help="YAML or TOML recipe (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. stages.generator.lr=3e-4 (repeatable)",
+    )
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="overrides the config")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides the config")
+    p.add_argument("--run-dir", help="overrides the config's run_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in the run directory",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="start from a trained model folder (transfer learning)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_train)
+
+
+def _train(a) -> None:
+    from t2v import config as cfg
+    from t2v.train import TrainConfig, train
+
+    overrides = list(a.overrides)
+    for key in ("precision", "device", "run_dir"):
+        if getattr(a, key) is not None:
+            overrides.append(f"{key}={getattr(a, key)}")
+    config = cfg.load(TrainConfig, a.config, overrides)
+    print(
+        train(a.stage, config, resume=a.resume, init_from=a.init_from, progress=not a.no_progress)
+    )
+
+
+# --- generate ------------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = _parser(sub, "generate", "Generate a video from a prompt (or a file of prompts).")
+    p.add_argument("prompt", nargs="?", help="what the video should show")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="output file (default out/<slug>.<format>);"
+        " its extension sets the format unless --format is given",
+    )
+    p.add_argument("--prompts-file", type=Path, help="batch mode: one prompt per line")
+    p.add_argument(
+        "--out-dir", type=Path, help="batch mode: writes DIR/0000.mp4, ... and DIR/index.jsonl"
+    )
+    p.add_argument("--negative-prompt", default=None, help="what the video should not show")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed (batch mode: line i uses seed + i)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="sampling steps, 1-100 (default: the model's)"
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 0-20 (default: the model's)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMAT_CHOICES,
+        default=None,
+        help="mp4, webm, gif, or png (a folder of frames); default from -o, else mp4",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model folder (default: the bundled Moving Shapes model)",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="arithmetic for generation"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="batch mode: clips per batch")
+    p.set_defaults(func=_generate)
+
+
+def _generate(a) -> None:
+    from t2v.generate import generate_batch, generate_one
+
+    if (a.prompt is None) == (a.prompts_file is None):
+        raise ValueError("Give either a PROMPT or --prompts-file FILE (with --out-dir).")
+    options = dict(
+        negative_prompt=a.negative_prompt,
+        steps=a.steps,
+        guidance=a.guidance,
+        model=a.model,
+        device=a.device,
+        precision=a.precision,
+    )
+    if a.prompts_file is not None:
+        if a.out_dir is None:
+            raise ValueError("--prompts-file needs --out-dir DIR.")
+        index = generate_batch(
+            a.prompts_file,
+            a.out_dir,
+            seed=a.seed,
+            format=a.format,
+            batch_size=a.batch_size,
+            **options,
+        )
+        print(index)
+    else:
+        print(generate_one(a.prompt, a.output, seed=a.seed, format=a.format, **options))
+
+
+# --- eval ----------------------------------------------------------------------------------
+
+
+def _add_eval(sub) -> None:
+    p = _parser(sub, "eval", "Score a model on the Moving Shapes evaluation split.")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--count", type=int, default=240, help="evaluation prompts in all")
+    p.add_argument("--out", default="out/eval", help="folder for report.json and report.md")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")
+    p.add_argument("--batch-size", type=int, default=16, help="clips generated per batch")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    p.set_defaults(func=_eval)
+
+
+def _eval(a) -> None:
+    from t2v.evaluate import eval_cli
+
+    eval_cli(
+        model=a.model,
+        count=a.count,
+        out=a.out,
+        steps=a.steps,
+        guidance=a.guidance,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        device=a.device,
+    )
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from t2v import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="t2v",
+        formatter_class=_Formatter,
+        description="Text-to-video you can train on a laptop CPU and host yourself.",
+    )
+    parser.add_argument("--version", action="version", version=f"t2v {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_eval(sub)
+    from t2v.serve import register_cli
+
+    register_cli(sub)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user (printed without a traceback)."""
+    from t2v.config import ConfigError
+    from t2v.text import PromptError
+
+    errors: list[type[BaseException]] = [ConfigError, PromptError, ValueError, FileNotFoundError]
+    for module, name in (
+        ("t2v.video", "VideoError"),
+        ("t2v.data", "DataError"),
+        ("t2v.pipeline", "ModelError"),
+        ("t2v.train", "TrainingError"),
+    ):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("t2v: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, user_errors()):
+            print(f"t2v: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
