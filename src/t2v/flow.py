@@ -17,8 +17,12 @@ def sample_t(n: int, generator: torch.Generator | None = None, device="cpu") -> 
     return torch.sigmoid(torch.randn(n, generator=generator)).to(device)
 
 
-def flow_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-              t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def flow_loss(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """Mean squared velocity error; ``model(x_t, t)`` predicts x1 - x0. x0, noise: (B, ...)."""
     tt = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     x_t = (1 - tt) * x0 + tt * noise

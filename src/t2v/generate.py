@@ -13,21 +13,31 @@ from t2v.text import PromptError
 from t2v.video import Video, format_from_path
 
 
-def load_pipeline(model: str | Path | None, device: str = "auto",
-                  precision: str = "fp32") -> TextToVideoPipeline:
-    return TextToVideoPipeline.from_pretrained(model or DEFAULT_MODEL_DIR, device=device,
-                                               precision=precision)
+def load_pipeline(
+    model: str | Path | None, device: str = "auto", precision: str = "fp32"
+) -> TextToVideoPipeline:
+    return TextToVideoPipeline.from_pretrained(
+        model or DEFAULT_MODEL_DIR, device=device, precision=precision
+    )
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "video"
 
 
-def generate_one(prompt: str, output: str | Path | None = None, *, seed: int = 0,
-                 format: str | None = None, negative_prompt: str | None = None,
-                 steps: int | None = None, guidance: float | None = None,
-                 model: str | Path | None = None, device: str = "auto",
-                 precision: str = "fp32") -> Path:
+def generate_one(
+    prompt: str,
+    output: str | Path | None = None,
+    *,
+    seed: int = 0,
+    format: str | None = None,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    model: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> Path:
     """Generate one clip and write it; returns the path written."""
     if output is None:  # PNG frames go to a folder, named without a suffix
         output = Path("out") / (_slug(prompt) + ("" if format == "png" else f".{format or 'mp4'}"))
@@ -41,19 +51,34 @@ def generate_one(prompt: str, output: str | Path | None = None, *, seed: int = 0
         bars[0].update(1)
 
     try:
-        video = pipe(prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                     guidance=guidance, callback=progress)
+        video = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            callback=progress,
+        )
     finally:
         for bar in bars:
             bar.close()
     return video.save(output, format=fmt)
 
 
-def generate_batch(prompts_file: str | Path, out_dir: str | Path, *, seed: int = 0,
-                   format: str | None = None, batch_size: int = 16,
-                   negative_prompt: str | None = None, steps: int | None = None,
-                   guidance: float | None = None, model: str | Path | None = None,
-                   device: str = "auto", precision: str = "fp32") -> Path:
+def generate_batch(
+    prompts_file: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    format: str | None = None,
+    batch_size: int = 16,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    model: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> Path:
     """Line i of the file becomes DIR/{i:04d}.{format} with seed + i. A bad line is recorded
     with its error in DIR/index.jsonl and the other lines are still generated."""
     lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
@@ -75,10 +100,14 @@ def generate_batch(prompts_file: str | Path, out_dir: str | Path, *, seed: int =
             records[i]["error"] = str(e)
     with tqdm(total=len(good), desc="generating", unit="clip") as bar:
         for start in range(0, len(good), batch_size):
-            chunk = good[start:start + batch_size]
-            frames = pipe.generate([p for _, p in chunk], [seed + i for i, _ in chunk],
-                                   steps=steps, guidance=guidance,
-                                   negative_prompts=[negative_prompt or ""] * len(chunk))
+            chunk = good[start : start + batch_size]
+            frames = pipe.generate(
+                [p for _, p in chunk],
+                [seed + i for i, _ in chunk],
+                steps=steps,
+                guidance=guidance,
+                negative_prompts=[negative_prompt or ""] * len(chunk),
+            )
             for (i, _), clip in zip(chunk, frames, strict=True):
                 name = f"{i:04d}" + ("" if fmt == "png" else f".{fmt}")
                 Video(clip, pipe.config.fps).save(out_dir / name, format=fmt)

@@ -74,8 +74,10 @@ def autocast(device: torch.device, precision: str):
 def refuse_pickles(path: Path) -> None:
     for f in sorted(path.rglob("*")):
         if f.suffix.lower() in PICKLE_SUFFIXES:
-            raise ModelError(f"Refusing to load {path}: it contains {f.name}, a pickle-format "
-                             "file; t2v only loads safetensors weights and JSON configs.")
+            raise ModelError(
+                f"Refusing to load {path}: it contains {f.name}, a pickle-format "
+                "file; t2v only loads safetensors weights and JSON configs."
+            )
 
 
 def _save_component(module: torch.nn.Module, config, folder: Path) -> None:
@@ -98,9 +100,15 @@ def _load_weights(module: torch.nn.Module, folder: Path) -> None:
 
 
 class TextToVideoPipeline:
-    def __init__(self, text_encoder: TextEncoder, autoencoder: VideoAutoencoder,
-                 generator: LatentGenerator, config: PipelineConfig | None = None,
-                 device: str | torch.device = "cpu", precision: str = "fp32"):
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        autoencoder: VideoAutoencoder,
+        generator: LatentGenerator,
+        config: PipelineConfig | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ):
         self.text_encoder, self.autoencoder, self.generator = text_encoder, autoencoder, generator
         self.config = config or PipelineConfig()
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -113,8 +121,9 @@ class TextToVideoPipeline:
 
     # --- persistence -----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
-                        precision: str = "fp32") -> TextToVideoPipeline:
+    def from_pretrained(
+        cls, path: str | Path | None = None, device: str = "auto", precision: str = "fp32"
+    ) -> TextToVideoPipeline:
         path = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if not (path / "pipeline.json").is_file():
             raise ModelError(f"No t2v model at {path}: pipeline.json is missing.")
@@ -154,18 +163,25 @@ class TextToVideoPipeline:
         return path
 
     def default_card(self) -> str:
-        rows = "\n".join(f"| {name} | {sum(p.numel() for p in m.parameters()):,} |"
-                         for name, m in zip(("text encoder", "autoencoder", "generator"),
-                                            self.modules(), strict=True))
-        return (f"# t2v model\n\n| component | parameters |\n|---|---|\n{rows}\n\n"
-                f"Sampling defaults: {cfg.to_dict(self.config)}\n")
+        rows = "\n".join(
+            f"| {name} | {sum(p.numel() for p in m.parameters()):,} |"
+            for name, m in zip(
+                ("text encoder", "autoencoder", "generator"), self.modules(), strict=True
+            )
+        )
+        return (
+            f"# t2v model\n\n| component | parameters |\n|---|---|\n{rows}\n\n"
+            f"Sampling defaults: {cfg.to_dict(self.config)}\n"
+        )
 
     # --- generation ------------------------------------------------------------------------
     def check_prompt(self, prompt: str) -> str:
         text = normalize(prompt, self.config.max_prompt_chars)
         if not self.text_encoder.understands(text):
-            raise PromptError(f"The model knows none of the words in {text[:60]!r}; describe "
-                              "a shape, its colour and motion, e.g. 'a red circle moving left'.")
+            raise PromptError(
+                f"The model knows none of the words in {text[:60]!r}; describe "
+                "a shape, its colour and motion, e.g. 'a red circle moving left'."
+            )
         return text
 
     def _check_params(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
@@ -187,10 +203,17 @@ class TextToVideoPipeline:
         return torch.stack(noise).to(self.device)  # (B, C, T, H, W)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], *, steps: int | None = None,
-                 guidance: float | None = None, negative_prompts: list[str] | None = None,
-                 callback: Callable[[int, int], None] | None = None,
-                 timings: dict[str, float] | None = None) -> np.ndarray:
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        negative_prompts: list[str] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> np.ndarray:
         """Generate one clip per prompt: uint8 (B, T, H, W, 3). Clip i depends only on
         (prompts[i], seeds[i], negative_prompts[i], steps, guidance), not on the batch."""
         clock = {"text": 0.0, "sampling": 0.0, "decoding": 0.0}
@@ -199,8 +222,10 @@ class TextToVideoPipeline:
         if len(prompts) != len(seeds):
             raise ValueError("Give exactly one seed per prompt.")
         prompts = [self.check_prompt(p) for p in prompts]
-        negatives = [normalize(n, self.config.max_prompt_chars) if n and n.strip() else ""
-                     for n in (negative_prompts or [""] * len(prompts))]
+        negatives = [
+            normalize(n, self.config.max_prompt_chars) if n and n.strip() else ""
+            for n in (negative_prompts or [""] * len(prompts))
+        ]
         steps, guidance = self._check_params(steps, guidance)
         x = self.initial_noise(seeds)
         with autocast(self.device, self.precision):
@@ -213,8 +238,9 @@ class TextToVideoPipeline:
             # guidance (Ho & Salimans 2022): v = v_neg + g (v_cond - v_neg).
             ts = time_grid(steps, self.config.shift, device=self.device)
             sampler = SAMPLERS[self.config.sampler]
-            z = sampler(_Guided(self.generator, guidance if guided else None), x, ts, text,
-                        callback).float()
+            z = sampler(
+                _Guided(self.generator, guidance if guided else None), x, ts, text, callback
+            ).float()
             clock["sampling"] = time.perf_counter() - mark
             mark = time.perf_counter()
             # 5. Decode latents to frames.
@@ -226,11 +252,24 @@ class TextToVideoPipeline:
             timings.update(clock)
         return out
 
-    def __call__(self, prompt: str, *, negative_prompt: str | None = None, seed: int = 0,
-                 steps: int | None = None, guidance: float | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> Video:
-        frames = self.generate([prompt], [seed], steps=steps, guidance=guidance,
-                               negative_prompts=[negative_prompt or ""], callback=callback)
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Video:
+        frames = self.generate(
+            [prompt],
+            [seed],
+            steps=steps,
+            guidance=guidance,
+            negative_prompts=[negative_prompt or ""],
+            callback=callback,
+        )
         return Video(frames[0], fps=self.config.fps)
 
 

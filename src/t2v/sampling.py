@@ -20,8 +20,9 @@ def _t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_euler(model: Model, x: torch.Tensor, ts: torch.Tensor, cond,
-                 callback: Callback = None) -> torch.Tensor:
+def sample_euler(
+    model: Model, x: torch.Tensor, ts: torch.Tensor, cond, callback: Callback = None
+) -> torch.Tensor:
     """Euler's method on the flow ODE (Karras et al. 2022, Alg. 1 with Euler steps)."""
     total = len(ts) - 1
     for i in range(total):
@@ -32,8 +33,9 @@ def sample_euler(model: Model, x: torch.Tensor, ts: torch.Tensor, cond,
 
 
 @torch.no_grad()
-def sample_heun(model: Model, x: torch.Tensor, ts: torch.Tensor, cond,
-                callback: Callback = None) -> torch.Tensor:
+def sample_heun(
+    model: Model, x: torch.Tensor, ts: torch.Tensor, cond, callback: Callback = None
+) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step is Euler."""
     total = len(ts) - 1
     for i in range(total):

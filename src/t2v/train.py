@@ -42,9 +42,12 @@ from t2v.pipeline import (
 from t2v.text import Tokenizer
 
 STAGES = ("autoencoder", "generator")
-SAMPLE_PROMPTS = ("a large red circle moving right", "a small blue square moving up",
-                  "a large yellow triangle staying still",
-                  "a small white cross moving down-left and a large green square moving up")
+SAMPLE_PROMPTS = (
+    "a large red circle moving right",
+    "a small blue square moving up",
+    "a large yellow triangle staying still",
+    "a small white cross moving down-left and a large green square moving up",
+)
 
 
 class TrainingError(RuntimeError):
@@ -98,8 +101,9 @@ class TrainConfig:
     def validate(self) -> None:
         for name, stage in list(self.stages.items()):
             if name not in STAGES:
-                raise cfg.ConfigError(f"Unknown stage '{name}' under stages; use "
-                                      f"{' or '.join(STAGES)}.")
+                raise cfg.ConfigError(
+                    f"Unknown stage '{name}' under stages; use {' or '.join(STAGES)}."
+                )
             if isinstance(stage, dict):
                 self.stages[name] = cfg.from_dict(StageConfig, stage, prefix=f"stages.{name}.")
 
@@ -108,6 +112,7 @@ class TrainConfig:
 
 
 # --- distributed ---------------------------------------------------------------------------
+
 
 @dataclass
 class Dist:
@@ -140,6 +145,7 @@ def _all_true(flag: bool, d: Dist, device: torch.device) -> bool:
 
 # --- objectives ----------------------------------------------------------------------------
 
+
 class AutoencoderObjective(nn.Module):
     def __init__(self, autoencoder: VideoAutoencoder):
         super().__init__()
@@ -170,10 +176,15 @@ class GeneratorObjective(nn.Module):
 
 # --- checkpoints ---------------------------------------------------------------------------
 
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()
-               if isinstance(v, torch.Tensor)}
+    tensors = {
+        f"{i}.{k}": v
+        for i, s in sd["state"].items()
+        for k, v in s.items()
+        if isinstance(v, torch.Tensor)
+    }
     return tensors, {"param_groups": sd["param_groups"]}
 
 
@@ -199,15 +210,23 @@ class Checkpointer:
         found = sorted(self.folder.glob("ckpt-*[0-9]"))
         return found[-1] if found else None
 
-    def save(self, step: int, model: nn.Module, ema: dict[str, torch.Tensor],
-             opt: torch.optim.Optimizer, state: dict) -> Path:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        ema: dict[str, torch.Tensor],
+        opt: torch.optim.Optimizer,
+        state: dict,
+    ) -> Path:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         ema = {k: v.cpu().contiguous() for k, v in ema.items()}
         opt_tensors, opt_meta = _flatten_optimizer(opt)
         opt_tensors = {k: v.cpu().contiguous() for k, v in opt_tensors.items()}
         if not (_finite(weights) and _finite(ema) and _finite(opt_tensors)):
-            raise TrainingError(f"Step {step}: the weights hold a non-finite value, so no "
-                                "checkpoint was written; lower the learning rate and resume.")
+            raise TrainingError(
+                f"Step {step}: the weights hold a non-finite value, so no "
+                "checkpoint was written; lower the learning rate and resume."
+            )
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng |= {f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -220,27 +239,32 @@ class Checkpointer:
         save_file(ema, str(tmp / "ema.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta},
-                                                   indent=1))
+        (tmp / "state.json").write_text(
+            json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1)
+        )
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(self.folder.glob("ckpt-*[0-9]"))[:-self.keep]:
+        for old in sorted(self.folder.glob("ckpt-*[0-9]"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     @staticmethod
-    def load(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-             device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    def load(
+        path: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         refuse_pickles(path)
         model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
         ema = load_file(str(path / "ema.safetensors"), device=str(device))
         state = json.loads((path / "state.json").read_text())
-        opt.load_state_dict(_unflatten_optimizer(
-            load_file(str(path / "optimizer.safetensors"), device=str(device)),
-            state.pop("optimizer")))
+        opt.load_state_dict(
+            _unflatten_optimizer(
+                load_file(str(path / "optimizer.safetensors"), device=str(device)),
+                state.pop("optimizer"),
+            )
+        )
         rng = load_file(str(path / "rng.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
         cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda")]
@@ -250,6 +274,7 @@ class Checkpointer:
 
 
 # --- the loop ------------------------------------------------------------------------------
+
 
 def lr_at(step: int, s: StageConfig) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio (Loshchilov & Hutter 2017)."""
@@ -269,8 +294,15 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, stage: str, *, resume: bool = False,
-                 init_from: str | None = None, progress: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        stage: str,
+        *,
+        resume: bool = False,
+        init_from: str | None = None,
+        progress: bool = True,
+    ):
         if stage not in STAGES:
             raise TrainingError(f"Unknown stage {stage!r}; use {' or '.join(STAGES)}.")
         self.config, self.stage_name, self.s = config, stage, config.stage(stage)
@@ -284,8 +316,11 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.source = open_source(config.data.source, seed=config.data.seed)
         if stage == "autoencoder":
-            ae = (TextToVideoPipeline.from_pretrained(init_from, device="cpu").autoencoder
-                  if init_from else VideoAutoencoder(config.autoencoder))
+            ae = (
+                TextToVideoPipeline.from_pretrained(init_from, device="cpu").autoencoder
+                if init_from
+                else VideoAutoencoder(config.autoencoder)
+            )
             config.autoencoder = ae.config
             self.pipeline = None
             self.model = AutoencoderObjective(ae)
@@ -300,9 +335,14 @@ class Trainer:
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.s.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.s.lr, betas=self.s.betas, fused=False)
+            [
+                {"params": decay, "weight_decay": self.s.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.s.lr,
+            betas=self.s.betas,
+            fused=False,
+        )
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.ckpt = Checkpointer(self.out, self.s.keep_checkpoints)
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
@@ -311,7 +351,8 @@ class Trainer:
         self.ddp = self.model
         if self.dist.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     # -- building ------------------------------------------------------------------------
     def _build_generator(self, init_from: str | None) -> TextToVideoPipeline:
@@ -326,8 +367,10 @@ class Trainer:
             return pipe
         ae_dir = Path(c.run_dir) / "autoencoder" / "final"
         if not (ae_dir / "model.safetensors").is_file():
-            raise TrainingError(f"The generator stage needs a trained autoencoder at {ae_dir}; "
-                                "run `t2v train autoencoder` with the same config first.")
+            raise TrainingError(
+                f"The generator stage needs a trained autoencoder at {ae_dir}; "
+                "run `t2v train autoencoder` with the same config first."
+            )
         ae = VideoAutoencoder(cfg.load_json(AutoencoderConfig, ae_dir / "config.json"))
         ae.load_state_dict(load_file(str(ae_dir / "model.safetensors")))
         tok_path = self.out / "tokenizer.json"
@@ -367,10 +410,20 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         if self.dist.main:
-            self.ckpt.save(self.step, self.model, self.ema, self.opt,
-                           {"nonfinite_total": self.nonfinite_total,
-                            "data_position": {"step": self.step, "world": self.dist.world,
-                                              "batch_size": self.s.batch_size}})
+            self.ckpt.save(
+                self.step,
+                self.model,
+                self.ema,
+                self.opt,
+                {
+                    "nonfinite_total": self.nonfinite_total,
+                    "data_position": {
+                        "step": self.step,
+                        "world": self.dist.world,
+                        "batch_size": self.s.batch_size,
+                    },
+                },
+            )
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -403,17 +456,20 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(_trainable(self.model), s.grad_clip)
-        ok = _all_true(bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)), d,
-                       self.device)
+        ok = _all_true(
+            bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)), d, self.device
+        )
         self.step += 1
         if not ok:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             self.opt.zero_grad(set_to_none=True)
             if self.nonfinite_run >= s.max_nonfinite:
-                raise TrainingError(f"{self.nonfinite_run} steps in a row had a non-finite "
-                                    f"loss or gradient (last at step {self.step}); lower the "
-                                    "learning rate or use --precision fp32, then --resume.")
+                raise TrainingError(
+                    f"{self.nonfinite_run} steps in a row had a non-finite "
+                    f"loss or gradient (last at step {self.step}); lower the "
+                    "learning rate or use --precision fp32, then --resume."
+                )
             return None
         self.nonfinite_run = 0
         self.opt.step()
@@ -432,8 +488,14 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tensorboard"))
-        bar = tqdm(total=s.steps, initial=self.step, disable=not self.progress,
-                   desc=self.stage_name, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=s.steps,
+            initial=self.step,
+            disable=not self.progress,
+            desc=self.stage_name,
+            unit="step",
+            dynamic_ncols=True,
+        )
         losses, t0, seen = [], time.perf_counter(), 0
         try:
             while self.step < s.steps:
@@ -447,13 +509,21 @@ class Trainer:
                     mean = float(np.mean(losses)) if losses else float("nan")
                     bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.1f}")
                     if self.dist.main:
-                        line = {"step": self.step, "loss": mean, "samples_per_s": rate,
-                                "lr": lr_at(self.step - 1, s), "time": time.time()}
+                        line = {
+                            "step": self.step,
+                            "loss": mean,
+                            "samples_per_s": rate,
+                            "lr": lr_at(self.step - 1, s),
+                            "time": time.time(),
+                        }
                         with open(self.out / "log.jsonl", "a") as log:
                             log.write(json.dumps(line) + "\n")
                         if not self.progress:
-                            print(f"{self.stage_name} step {self.step}/{s.steps} loss {mean:.4f}"
-                                  f" {rate:.1f} samples/s", flush=True)
+                            print(
+                                f"{self.stage_name} step {self.step}/{s.steps} loss {mean:.4f}"
+                                f" {rate:.1f} samples/s",
+                                flush=True,
+                            )
                     if writer is not None:
                         writer.add_scalar("loss", mean, self.step)
                         writer.add_scalar("lr", lr_at(self.step - 1, s), self.step)
@@ -473,8 +543,14 @@ class Trainer:
     # -- outputs ---------------------------------------------------------------------------
     def _ema_pipeline(self) -> TextToVideoPipeline:
         model, p = self.ema_model(), self.pipeline
-        return TextToVideoPipeline(model.text_encoder, p.autoencoder, model.generator,
-                                   p.config, self.device, self.config.precision)
+        return TextToVideoPipeline(
+            model.text_encoder,
+            p.autoencoder,
+            model.generator,
+            p.config,
+            self.device,
+            self.config.precision,
+        )
 
     @torch.no_grad()
     def write_samples(self) -> Path:
@@ -490,8 +566,11 @@ class Trainer:
             rows = np.concatenate([clips, recon.permute(0, 2, 3, 4, 1).cpu().numpy()], axis=2)
         else:
             pipe = self._ema_pipeline()
-            rows = pipe.generate(list(SAMPLE_PROMPTS), list(range(len(SAMPLE_PROMPTS))),
-                                 steps=min(20, pipe.config.steps))
+            rows = pipe.generate(
+                list(SAMPLE_PROMPTS),
+                list(range(len(SAMPLE_PROMPTS))),
+                steps=min(20, pipe.config.steps),
+            )
         grid = np.concatenate(list(rows), axis=2)  # (T, H, W * n, 3)
         return write_video(grid, self.out / "samples" / f"step-{self.step:07d}.gif")
 
@@ -503,13 +582,19 @@ class Trainer:
             ae = self.ema_model().autoencoder
             scale, shift = latent_stats(ae, self.device, self.source)
             ae.config.scale, ae.config.shift = scale, shift
-            metrics = {"psnr_db_eval": autoencoder_psnr(ae, self.device), "latent_scale": scale,
-                       "latent_shift": shift, "steps": self.step}
+            metrics = {
+                "psnr_db_eval": autoencoder_psnr(ae, self.device),
+                "latent_scale": scale,
+                "latent_shift": shift,
+                "steps": self.step,
+            }
             folder = self.out / "final"
             folder.mkdir(parents=True, exist_ok=True)
             cfg.save_json(ae.config, folder / "config.json")
-            save_file({k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()},
-                      str(folder / "model.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()},
+                str(folder / "model.safetensors"),
+            )
         else:
             folder = self._ema_pipeline().save_pretrained(Path(self.config.run_dir) / "model")
             metrics = {"steps": self.step}
@@ -521,14 +606,16 @@ class Trainer:
 
 
 @torch.no_grad()
-def latent_stats(ae: VideoAutoencoder, device: torch.device, source,
-                 count: int = 256) -> tuple[float, float]:
+def latent_stats(
+    ae: VideoAutoencoder, device: torch.device, source, count: int = 256
+) -> tuple[float, float]:
     """Scale and shift that give the posterior means of training clips zero mean and unit
     variance (measured on the stage's own data, whatever its source)."""
     ae.config.scale, ae.config.shift = 1.0, 0.0
     clips, _ = source.batch(0, count)
-    z = torch.cat([ae.encode(to_model_tensor(clips[i:i + 32]).to(device))
-                   for i in range(0, count, 32)])
+    z = torch.cat(
+        [ae.encode(to_model_tensor(clips[i : i + 32]).to(device)) for i in range(0, count, 32)]
+    )
     return float(1 / z.std()), float(z.mean())
 
 
@@ -537,12 +624,18 @@ def autoencoder_psnr(ae: VideoAutoencoder, device: torch.device, count: int = 64
     """Reconstruction PSNR on held-out clips (the evaluation split)."""
     clips = shapes.render(shapes.eval_specs(count))
     x = to_model_tensor(clips).to(device)
-    recon = torch.cat([ae.decode(ae.encode(x[i:i + 16])) for i in range(0, count, 16)])
+    recon = torch.cat([ae.decode(ae.encode(x[i : i + 16])) for i in range(0, count, 16)])
     return psnr(recon, x)
 
 
-def train(stage: str, config: TrainConfig, *, resume: bool = False,
-          init_from: str | None = None, progress: bool = True) -> Path:
+def train(
+    stage: str,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    init_from: str | None = None,
+    progress: bool = True,
+) -> Path:
     trainer = Trainer(config, stage, resume=resume, init_from=init_from, progress=progress)
     try:
         return trainer.run()

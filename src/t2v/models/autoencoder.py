@@ -35,8 +35,9 @@ class AutoencoderConfig:
     def validate(self) -> None:
         t, s = self.patch_t * 2, self.patch_s * 2
         if self.frames % t or self.size % s:
-            raise ValueError(f"frames must divide by {t} and size by {s} "
-                             f"(got {self.frames}x{self.size})")
+            raise ValueError(
+                f"frames must divide by {t} and size by {s} (got {self.frames}x{self.size})"
+            )
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -55,8 +56,13 @@ class ResBlock(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         self.body = nn.Sequential(
-            _norm(c), nn.SiLU(), nn.Conv3d(c, c, (1, 3, 3), padding=(0, 1, 1)),
-            _norm(c), nn.SiLU(), nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0)))
+            _norm(c),
+            nn.SiLU(),
+            nn.Conv3d(c, c, (1, 3, 3), padding=(0, 1, 1)),
+            _norm(c),
+            nn.SiLU(),
+            nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0)),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -72,25 +78,39 @@ class VideoAutoencoder(nn.Module):
             *[ResBlock(c.width) for _ in range(c.blocks)],
             nn.Conv3d(c.width, c.latent_width, 2, stride=2),
             *[ResBlock(c.latent_width) for _ in range(c.blocks)],
-            _norm(c.latent_width), nn.SiLU(),
-            nn.Conv3d(c.latent_width, 2 * c.latent_channels, 1))
+            _norm(c.latent_width),
+            nn.SiLU(),
+            nn.Conv3d(c.latent_width, 2 * c.latent_channels, 1),
+        )
         self.decoder = nn.Sequential(
             nn.Conv3d(c.latent_channels, c.latent_width, 3, padding=1),
             *[ResBlock(c.latent_width) for _ in range(c.blocks)],
             nn.ConvTranspose3d(c.latent_width, c.width, 2, stride=2),
             *[ResBlock(c.width) for _ in range(c.blocks)],
-            _norm(c.width), nn.SiLU(),
-            nn.Conv3d(c.width, folded, (1, 3, 3), padding=(0, 1, 1)))
+            _norm(c.width),
+            nn.SiLU(),
+            nn.Conv3d(c.width, folded, (1, 3, 3), padding=(0, 1, 1)),
+        )
 
     def _fold(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w",
-                         pt=c.patch_t, ph=c.patch_s, pw=c.patch_s)
+        return rearrange(
+            x,
+            "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w",
+            pt=c.patch_t,
+            ph=c.patch_s,
+            pw=c.patch_s,
+        )
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return rearrange(x, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
-                         pt=c.patch_t, ph=c.patch_s, pw=c.patch_s)
+        return rearrange(
+            x,
+            "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
+            pt=c.patch_t,
+            ph=c.patch_s,
+            pw=c.patch_s,
+        )
 
     def encode_dist(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, 3, T, H, W) in [-1, 1] -> mean, logvar, each (B, C, T', H', W')."""

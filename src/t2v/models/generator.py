@@ -39,8 +39,11 @@ class GeneratorConfig:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        return (self.latent_frames // self.patch_t, self.latent_size // self.patch_s,
-                self.latent_size // self.patch_s)
+        return (
+            self.latent_frames // self.patch_t,
+            self.latent_size // self.patch_s,
+            self.latent_size // self.patch_s,
+        )
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -98,8 +101,13 @@ class LatentGenerator(nn.Module):
         """x: (B, C, T, H, W) latents at flow time t (B,) -> velocity of the same shape."""
         c = self.config
         gt, gh, gw = c.grid
-        tokens = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t h w (c pt ph pw)",
-                           pt=c.patch_t, ph=c.patch_s, pw=c.patch_s)
+        tokens = rearrange(
+            x,
+            "b c (t pt) (h ph) (w pw) -> b t h w (c pt ph pw)",
+            pt=c.patch_t,
+            ph=c.patch_s,
+            pw=c.patch_s,
+        )
         h = self.patch_in(tokens) + self.pos_t + self.pos_h + self.pos_w  # (B, T, H, W, D)
         h = h.flatten(1, 3)  # (B, N, D)
         cond = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
@@ -109,5 +117,13 @@ class LatentGenerator(nn.Module):
             h = block(h, mod, text)
         shift, scale = self.out_mod(cond).chunk(2, dim=1)
         out = self.patch_out(_modulate(self.ln_out(h), shift, scale))  # (B, N, patch_dim)
-        return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
-                         t=gt, h=gh, w=gw, pt=c.patch_t, ph=c.patch_s, pw=c.patch_s)
+        return rearrange(
+            out,
+            "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+            t=gt,
+            h=gh,
+            w=gw,
+            pt=c.patch_t,
+            ph=c.patch_s,
+            pw=c.patch_s,
+        )

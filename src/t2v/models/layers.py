@@ -22,8 +22,9 @@ class Attention(nn.Module):
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, N, D); context: (B, L, Dc); mask: (B, L) bool, True = attend."""
         context = x if context is None else context
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
@@ -36,12 +37,13 @@ class Attention(nn.Module):
 class MLP(nn.Sequential):
     def __init__(self, dim: int, ratio: float = 4.0):
         hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"),
-                         nn.Linear(hidden, dim))
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+        )
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t in [0, 1] scaled to [0, 1000] (as in DDPM / DiT): (B,) -> (B, dim)."""
+    """Sinusoidal embedding of t in [0, 1], scaled to [0, 1000] as in DiT: (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = (t.float() * 1000)[:, None] * freqs[None]

