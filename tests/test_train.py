@@ -500,3 +500,23 @@ def test_videos_to_shards_to_trained_model_to_mp4(tmp_path, shards, autoencoder_
     same, other = (pipe(PROMPT, seed=seed, steps=4).frames.mean(-1).ravel() for seed in (3, 4))
     # A barely trained model makes noisy clips, which H.264 keeps only roughly.
     assert np.corrcoef(written, same)[0, 1] > 0.8 > np.corrcoef(written, other)[0, 1]
+
+
+def test_clip_size_mismatch_is_one_sentence(tmp_path):
+    """Shards of another size than the autoencoder expects are refused before any step."""
+    from t2v.config import from_dict
+    from t2v.train import TrainConfig, Trainer, TrainingError
+
+    config = from_dict(
+        TrainConfig,
+        {
+            **{k: v for k, v in TINY_TRAIN.items() if k != "data"},
+            "run_dir": str(tmp_path / "run"),
+            "device": "cpu",
+            "autoencoder": {**TINY_TRAIN["autoencoder"], "frames": 8, "size": 32},
+            "stages": {"autoencoder": {"steps": 1, "batch_size": 2}},
+        },
+    )
+    trainer = Trainer(config, "autoencoder", progress=False)
+    with pytest.raises(TrainingError, match="expects 8x32x32"):
+        trainer.train_step()

@@ -214,8 +214,9 @@ class TextToVideoPipeline:
         callback: Callable[[int, int], None] | None = None,
         timings: dict[str, float] | None = None,
     ) -> np.ndarray:
-        """Generate one clip per prompt: uint8 (B, T, H, W, 3). Clip i depends only on
-        (prompts[i], seeds[i], negative_prompts[i], steps, guidance), not on the batch."""
+        """Generate one clip per prompt: uint8 (B, T, H, W, 3). Clip i is set by
+        (prompts[i], seeds[i], negative_prompts[i], steps, guidance); generated in another
+        batch it can differ by one uint8 level (batch-size-dependent CPU kernels)."""
         clock = {"text": 0.0, "sampling": 0.0, "decoding": 0.0}
         mark = time.perf_counter()
         # 1. Check inputs.

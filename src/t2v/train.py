@@ -329,6 +329,7 @@ class Trainer:
             p = self.pipeline
             p.autoencoder.to(self.device)  # frozen, so not a submodule: .to() below misses it
             self.model = GeneratorObjective(p.generator, p.text_encoder, p.autoencoder)
+        self.ae_config = config.autoencoder if self.pipeline is None else p.autoencoder.config
         self.model.to(self.device)
         self.model.train()
         params = _trainable(self.model)
@@ -448,6 +449,14 @@ class Trainer:
         s, d = self.s, self.dist
         torch.manual_seed(_step_seed(self.config.seed, d.rank, self.step))
         clips, captions = self.source.batch(self.step, s.batch_size, d.rank, d.world)
+        want = (self.ae_config.frames, self.ae_config.size, self.ae_config.size)
+        if clips.shape[1:4] != want:
+            raise TrainingError(
+                f"The data holds {clips.shape[1]}x{clips.shape[2]}x"
+                f"{clips.shape[3]} clips but the autoencoder expects "
+                f"{want[0]}x{want[1]}x{want[2]}; prepare the data with "
+                "matching --frames and --size."
+            )
         x = to_model_tensor(clips).to(self.device, non_blocking=True)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, s)
