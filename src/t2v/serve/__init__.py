@@ -1,0 +1,278 @@
+"""`t2v serve` (the web app and REST API) and `t2v keys` (its API keys).
+
+`register_cli(subparsers)` adds both commands to an argparse subparsers object; each parser
+sets `func`, and `args.func(args)` runs the command; a ValueError carries a one-sentence
+message for the user (`t2v.cli.main` prints it and exits with status 2). Nothing heavy
+(FastAPI, torch) is imported until a command runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "t2v"
+
+
+def register_cli(subparsers) -> None:
+    """Add the `serve` and `keys` subcommands to an `argparse` subparsers object."""
+    from t2v.serve.filter import DEFAULT_BLOCKLIST
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="Serve the web page and REST API.",
+        description="Serve the web page (/) and the REST API (/v1/videos, described at /docs). "
+        "The model is loaded once at start-up; one worker runs the queued jobs in order. "
+        "SIGTERM finishes the running job (up to --drain-timeout) before exiting; Ctrl-C "
+        "puts it back in the queue for the next start.",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s); any address other "
+        "than loopback needs --auth",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="port to listen on; 0 picks a free one (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="model directory (default: the model bundled with t2v)",
+    )
+    serve.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs; auto picks cuda when available (default: %(default)s)",
+    )
+    _data_dir_option(serve)
+    serve.add_argument(
+        "--auth",
+        action="store_true",
+        help="require an API key (from `t2v keys create`) on every API request",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a further name clients may use in the Host header, e.g. the "
+        "machine's DNS name; repeatable (always allowed: localhost, 127.0.0.1, "
+        "::1 and --host)",
+    )
+    serve.add_argument(
+        "--queue-size",
+        type=int,
+        default=100,
+        metavar="N",
+        help="queued jobs beyond which new ones get 429 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--rate-limit",
+        type=int,
+        default=30,
+        metavar="N",
+        help="new jobs per API key per minute, 0 for no limit; without --auth "
+        "all callers share one limit (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--blocklist",
+        type=Path,
+        default=DEFAULT_BLOCKLIST,
+        metavar="FILE",
+        help="terms refused in prompts, one per line, '#' comments; an empty "
+        "file turns the filter off (default: the bundled list)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long the running job may take to finish before it "
+        "is put back in the queue (default: %(default)s)",
+    )
+    serve.set_defaults(func=_serve)
+
+    keys = subparsers.add_parser(
+        "keys",
+        help="Create, list and revoke API keys for `t2v serve --auth`.",
+        description="Manage the API keys of a data directory. Keys are stored only as "
+        "SHA-256 hashes; a new key is shown once, when it is created.",
+    )
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        help="Create a key and print it (last line of output).",
+        description="Create a key and print it as the last line of "
+        "output; it is not stored and cannot be shown again.",
+    )
+    _data_dir_option(create)
+    create.add_argument(
+        "--name",
+        required=True,
+        help="who or what uses the key, e.g. alice or ci-bot; unique among active keys",
+    )
+    create.set_defaults(func=_keys_create)
+    listing = actions.add_parser(
+        "list",
+        help="List keys (names and ids, never the keys).",
+        description="List keys: id, name, created, revoked.",
+    )
+    _data_dir_option(listing)
+    listing.set_defaults(func=_keys_list)
+    revoke = actions.add_parser(
+        "revoke",
+        help="Revoke a key by name or id.",
+        description="Revoke a key; requests with it get 401 at once.",
+    )
+    _data_dir_option(revoke)
+    revoke.add_argument("key", metavar="NAME_OR_ID", help="the key's name or id (`t2v keys list`)")
+    revoke.set_defaults(func=_keys_revoke)
+
+
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help="where jobs, videos and API keys are kept (default: %(default)s)",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> None:
+    if not args.auth and not _is_loopback(args.host):
+        raise ValueError(
+            f"Refusing to serve on {args.host} without --auth; add --auth (keys come "
+            "from `t2v keys create`) or listen on 127.0.0.1."
+        )
+    if args.model is not None and not args.model.is_dir():
+        raise ValueError(f"The model directory {args.model} does not exist; check --model.")
+    if not args.blocklist.is_file():
+        raise ValueError(f"The blocklist {args.blocklist} does not exist; check --blocklist.")
+    if args.queue_size < 1 or args.rate_limit < 0 or args.drain_timeout < 0:
+        raise ValueError(
+            "--queue-size must be at least 1, --rate-limit and --drain-timeout at least 0."
+        )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    from t2v.serve.app import ServeConfig
+    from t2v.serve.auth import KeyStore
+
+    if args.auth and not any(k.revoked_at is None for k in KeyStore(args.data_dir).list()):
+        logging.getLogger("t2v.serve").warning(
+            "--auth is on but %s has no active API key; create one with "
+            "`t2v keys create --data-dir %s --name NAME`",
+            args.data_dir,
+            args.data_dir,
+        )
+    _run(
+        ServeConfig(
+            data_dir=args.data_dir,
+            model_dir=args.model,
+            device=args.device,
+            host=args.host,
+            port=args.port,
+            auth=args.auth,
+            queue_size=args.queue_size,
+            rate_limit=args.rate_limit,
+            blocklist=args.blocklist,
+            allowed_hosts=tuple(args.allowed_host),
+            drain_timeout=args.drain_timeout,
+        )
+    )
+
+
+def _keys_create(args: argparse.Namespace) -> None:
+    from t2v.serve.auth import KeyStore
+
+    key, secret = KeyStore(args.data_dir).create(args.name)
+    print(f"Created API key '{key.name}' (id {key.id}) in {args.data_dir}.")
+    print("It is shown only now; send it as the header 'Authorization: Bearer <key>':")
+    print(secret)
+
+
+def _keys_list(args: argparse.Namespace) -> None:
+    from datetime import datetime
+
+    from t2v.serve.auth import KeyStore
+
+    def day(t):
+        return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
+
+    print(f"{'id':<12}  {'name':<24}  {'created':<16}  revoked")
+    for key in KeyStore(args.data_dir).list():
+        print(f"{key.id:<12}  {key.name:<24}  {day(key.created_at):<16}  {day(key.revoked_at)}")
+
+
+def _keys_revoke(args: argparse.Namespace) -> None:
+    from t2v.serve.auth import KeyStore
+
+    key = KeyStore(args.data_dir).revoke(args.key)
+    print(f"Revoked API key '{key.name}' (id {key.id}).")
+
+
+# --- running it --------------------------------------------------------------------------------
+
+
+def _run(config) -> None:
+    """Serve until SIGTERM (drain: finish the running job, up to `drain_timeout`) or Ctrl-C
+    (stop: the running job goes back to the queue)."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    from t2v.serve.app import create_app
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if sig != signal.SIGTERM or self.should_exit or draining.is_set():
+                return super().handle_exit(sig, frame)
+            draining.set()
+            logging.getLogger("t2v.serve").info(
+                "SIGTERM: finishing the running job (up to %.0f s), then exiting",
+                config.drain_timeout,
+            )
+            threading.Thread(target=drain, name="t2v-drain", daemon=True).start()
+
+    def drain():
+        app.state.queue.drain(config.drain_timeout)
+        server.should_exit = True
+
+    def fatal():
+        failed.set()
+        server.should_exit = True
+
+    draining, failed = threading.Event(), threading.Event()
+    app = create_app(config, on_fatal=fatal)
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
+    )
+    server.run()
+    if failed.is_set():
+        raise ValueError(app.state.queue.load_error)
+    if not server.started:
+        raise ValueError("The server did not start; the log above says why.")
