@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test suite's server runner and tiny model
 
 from conftest import build_tiny_pipeline  # noqa: E402
+from servers import Server, done  # noqa: E402
 from t2v.pipeline import DEFAULT_MODEL_DIR, TextToVideoPipeline  # noqa: E402
-from test_serve_lifecycle import Server, done  # noqa: E402
 
 GET_REQUESTS = 500
 RUNS = 5

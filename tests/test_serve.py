@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from servers import Server
 from t2v.pipeline import TextToVideoPipeline
 from t2v.serve.app import ServeConfig, create_app
 from t2v.serve.auth import KeyStore, RateLimiter
@@ -36,7 +37,6 @@ from t2v.serve.filter import ContentFilter
 from t2v.serve.jobs import MAX_ATTEMPTS, JobRequest, JobStore
 from t2v.text import PromptError
 from t2v.video import Video
-from test_serve_lifecycle import Server
 
 BASE = "http://127.0.0.1:8000"
 CHECKS = [
