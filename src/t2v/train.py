@@ -342,7 +342,7 @@ class Trainer:
             ],
             lr=self.s.lr,
             betas=self.s.betas,
-            fused=False,
+            fused=True,  # one kernel for all parameters (CPU and CUDA)
         )
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.ckpt = Checkpointer(self.out, self.s.keep_checkpoints)
