@@ -84,14 +84,14 @@ def test_pretrained_minilm_loads_offline_with_its_own_width(minilm):
 def test_pretrained_minilm_stays_frozen(minilm):
     assert not any(p.requires_grad for p in minilm.parameters())
     minilm.train()
-    assert not minilm.training and not minilm.model.training  # dropout stays off
+    assert not minilm.frozen.training  # dropout stays off
     out = minilm(["a frozen encoder"])
     assert not out.tokens.requires_grad
 
 
 def test_pretrained_minilm_encodes_each_caption_once(minilm):
     batches = []  # the batch size of each run of the model
-    hook = minilm.model.register_forward_pre_hook(
+    hook = minilm.frozen.register_forward_pre_hook(
         lambda m, args, kwargs: batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     try:
@@ -114,6 +114,31 @@ def test_a_pipeline_with_minilm_saves_no_copy_of_it_and_reloads(minilm, tmp_path
     assert isinstance(loaded.text_encoder, PretrainedTextEncoder)
     torch.testing.assert_close(loaded.text_encoder([PROMPT]).tokens, minilm([PROMPT]).tokens)
     assert loaded.generate([PROMPT], [3], steps=2).shape == (1, 16, 64, 64, 3)
+
+
+def test_a_minilm_adapter_trains_and_only_it_is_saved(tokenizer, tmp_path):
+    te = PretrainedTextEncoder(
+        TextEncoderConfig(kind="pretrained", width=32, heads=2, adapter_depth=1), tokenizer
+    )
+    # MiniLM reads any text; the training captions' word list tells what the model can follow.
+    assert te.understands(PROMPT) and not te.understands("xyzzy plugh")
+    assert te.trainable and te.config.output_dim == 32
+    names = [n for n, p in te.named_parameters() if p.requires_grad]
+    assert names and all(not n.startswith("frozen") for n in names)
+    out = te([PROMPT, "a tiny blue box"])
+    assert out.tokens.shape[::2] == (2, 32) and out.tokens.requires_grad
+    out.pooled.sum().backward()
+    assert te.proj.weight.grad is not None
+    pipe = build_tiny_pipeline()
+    pipe.text_encoder = te
+    pipe.generator = LatentGenerator(replace(pipe.generator.config, text_dim=32))
+    pipe.save_pretrained(tmp_path)
+    saved = tmp_path / "text_encoder" / "model.safetensors"
+    assert saved.stat().st_size < 200_000  # the adapter only, not MiniLM's 90 MB
+    loaded = TextToVideoPipeline.from_pretrained(tmp_path, device="cpu")
+    assert not loaded.text_encoder.understands("xyzzy plugh")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.text_encoder([PROMPT]).tokens, te([PROMPT]).tokens)
 
 
 # --- autoencoder and generator -----------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 from t2v import shapes
 from t2v.cli import main
+from t2v.data import ShapesSource
 from t2v.shapes import COLORS, HELD_OUT_PAIRS, SIZES, ClipSpec, ObjectSpec, render
 
 TRAIN = [shapes.train_spec(0, i) for i in range(3000)]
@@ -185,3 +186,15 @@ def test_data_shapes_cli_writes_numbered_mp4s_and_index(tmp_path):
     assert [r["file"] for r in rows] == [f"{i:04d}.mp4" for i in range(5)]
     assert rows[0]["objects"] == shapes.eval_specs(5)[0].labels()
     assert set(rows[0]["objects"][0]) == {"color", "shape", "size", "direction"}
+
+
+def test_the_two_object_share_sets_the_mix_of_the_training_stream():
+    counts = {
+        share: sum(len(shapes.train_spec(0, i, share).objects) == 2 for i in range(400))
+        for share in (0.0, 0.4, 0.7, 1.0)
+    }
+    assert counts[0.0] == 0 and counts[1.0] == 400
+    assert 130 < counts[0.4] < 190 and 250 < counts[0.7] < 310
+    assert shapes.train_spec(3, 17) == shapes.train_spec(3, 17, shapes.TWO_OBJECT_SHARE)
+    with pytest.raises(ValueError, match="two_object_share"):
+        ShapesSource("train", 0, two_object_share=1.5)

@@ -470,13 +470,14 @@ def test_init_from_keeps_a_pretrained_text_encoder_frozen(tmp_path, shards64):
     config = cfg.load(TrainConfig, recipe(run, shards64))
     trainer = Trainer(config, "generator", init_from=str(tmp_path / "minilm-model"), progress=False)
     encoder, generator = trainer.pipeline.text_encoder, trainer.pipeline.generator
-    assert isinstance(encoder, PretrainedTextEncoder) and not encoder.training
+    assert isinstance(encoder, PretrainedTextEncoder) and not encoder.frozen.training
     optimised = {id(p) for group in trainer.opt.param_groups for p in group["params"]}
-    assert not optimised & {id(p) for p in encoder.parameters()}
-    frozen = {k: v.clone() for k, v in encoder.state_dict().items()}
+    assert not optimised & {id(p) for p in encoder.frozen.parameters()}
+    assert not any(k.startswith("text_encoder") for k in trainer.ema)  # nothing to average
+    frozen = {k: v.clone() for k, v in encoder.frozen.state_dict().items()}
     initial = {k: v.clone() for k, v in generator.state_dict().items()}
     trainer.run()
-    assert all(torch.equal(v, frozen[k]) for k, v in encoder.state_dict().items())
+    assert all(torch.equal(v, frozen[k]) for k, v in encoder.frozen.state_dict().items())
     assert any(not torch.equal(v, initial[k]) for k, v in generator.state_dict().items())
     saved = TextToVideoPipeline.from_pretrained(run / "model", device="cpu")
     assert saved.text_encoder.config.kind == "pretrained"

@@ -470,19 +470,22 @@ class _Source:
 class ShapesSource(_Source):
     """The Moving Shapes stream: endless seeded training clips, or the fixed eval list cycled."""
 
-    def __init__(self, split: str = "train", seed: int = 0):
+    def __init__(self, split: str = "train", seed: int = 0, two_object_share: float = 0.4):
         if split not in ("train", "eval"):
             raise ValueError(f"Unknown Moving Shapes split {split!r}; use 'train' or 'eval'.")
+        if not 0.0 <= two_object_share <= 1.0:
+            raise ValueError(f"two_object_share must be in [0, 1], not {two_object_share}")
         # Imported here so decoding workers, which import this module, skip torch.
         from t2v import shapes
 
         self._shapes, self.split, self.seed = shapes, split, seed
+        self.two_object_share = two_object_share
         self._eval = shapes.eval_specs(EVAL_CLIPS, seed) if split == "eval" else None
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
         start = _first_index(step, batch_size, rank, world_size)
         if self._eval is None:
-            return self._shapes.train_batch(self.seed, start, batch_size)
+            return self._shapes.train_batch(self.seed, start, batch_size, self.two_object_share)
         specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
         return self._shapes.render(specs), [s.caption for s in specs]
 
@@ -529,12 +532,13 @@ class ShardSource(_Source):
         return np.stack([clip for clip, _ in samples]), [caption for _, caption in samples]
 
 
-def open_source(spec: str, seed: int = 0) -> ClipSource:
+def open_source(spec: str, seed: int = 0, two_object_share: float = 0.4) -> ClipSource:
     """Moving Shapes for "shapes", "shapes:train" or "shapes:eval", else the shards in the
-    folder ``spec`` (write ./shapes for a folder of that name)."""
+    folder ``spec`` (write ./shapes for a folder of that name). ``two_object_share`` is the
+    share of two-object clips in the Moving Shapes training stream."""
     spec = str(spec)
     if spec == "shapes" or spec.startswith("shapes:"):
-        return ShapesSource(spec.partition(":")[2] or "train", seed)
+        return ShapesSource(spec.partition(":")[2] or "train", seed, two_object_share)
     if not Path(spec).is_dir():
         raise DataError(
             f"{spec!r} is neither 'shapes', 'shapes:train', 'shapes:eval' nor a folder of "

@@ -135,8 +135,8 @@ class TextToVideoPipeline:
             gen_cfg = cfg.load_json(GeneratorConfig, path / "generator" / "config.json")
         except (cfg.ConfigError, ValueError) as e:
             raise ModelError(f"Cannot load the model at {path}: {e}") from None
-        tokenizer = None
-        if text_cfg.kind != "pretrained":
+        tokenizer = None  # optional for a pretrained encoder (its word list, see understands)
+        if text_cfg.kind != "pretrained" or (path / "tokenizer.json").is_file():
             tokenizer = Tokenizer.load(path / "tokenizer.json")
         text_encoder = build_text_encoder(text_cfg, tokenizer)
         autoencoder, generator = VideoAutoencoder(ae_cfg), LatentGenerator(gen_cfg)
@@ -152,8 +152,9 @@ class TextToVideoPipeline:
         te = self.text_encoder
         if te.trainable:
             _save_component(te, te.config, path / "text_encoder")
+        if isinstance(getattr(te, "tokenizer", None), Tokenizer):
             te.tokenizer.save(path / "tokenizer.json")
-        else:
+        else:  # nothing trained: the config names the frozen model
             (path / "text_encoder").mkdir(exist_ok=True)
             cfg.save_json(te.config, path / "text_encoder" / "config.json")
         _save_component(self.autoencoder, self.autoencoder.config, path / "autoencoder")

