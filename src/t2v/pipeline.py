@@ -152,11 +152,11 @@ class TextToVideoPipeline:
         te = self.text_encoder
         if te.trainable:
             _save_component(te, te.config, path / "text_encoder")
-        if isinstance(getattr(te, "tokenizer", None), Tokenizer):
-            te.tokenizer.save(path / "tokenizer.json")
         else:  # nothing trained: the config names the frozen model
             (path / "text_encoder").mkdir(exist_ok=True)
             cfg.save_json(te.config, path / "text_encoder" / "config.json")
+        if isinstance(getattr(te, "tokenizer", None), Tokenizer):
+            te.tokenizer.save(path / "tokenizer.json")
         _save_component(self.autoencoder, self.autoencoder.config, path / "autoencoder")
         _save_component(self.generator, self.generator.config, path / "generator")
         cfg.save_json(self.config, path / "pipeline.json")
