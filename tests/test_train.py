@@ -343,6 +343,11 @@ def test_torchrun_with_two_processes_keeps_ranks_identical_on_different_data(
             "Unknown config key 'generator.widht'; did you mean 'generator.width'?",
         ),
         ("seed=abc", "seed must be an integer, not 'abc'."),
+        ("data.two_object_share=1.5", "data.two_object_share must be between 0 and 1, not 1.5."),
+        (
+            "text_encoder.adapter_depth=-1",
+            "text_encoder.adapter_depth must be 0 or more, with a positive width.",
+        ),
         ("precision=fp16", "precision is 'fp16', but it must be one of 'fp32', 'bf16'."),
     ],
 )

@@ -85,6 +85,12 @@ class DataConfig:
     two_object_share: float = 0.4  # share of two-object clips in the Moving Shapes stream
     tokenizer_captions: int = 20000  # captions used to fit the tokenizer
 
+    def validate(self) -> None:
+        if not 0.0 <= self.two_object_share <= 1.0:
+            raise ValueError(
+                f"data.two_object_share must be between 0 and 1, not {self.two_object_share}."
+            )
+
 
 @dataclass
 class TrainConfig:

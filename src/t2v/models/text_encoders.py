@@ -62,7 +62,7 @@ class TextEncoderConfig:
         if self.kind != "pretrained" and (self.width <= 0 or self.depth <= 0):
             raise ValueError("text encoder width and depth must be positive")
         if self.adapter_depth < 0 or (self.adapter_depth and self.width <= 0):
-            raise ValueError("adapter_depth must be >= 0, with a positive width")
+            raise ValueError("text_encoder.adapter_depth must be 0 or more, with a positive width.")
 
 
 def minilm_path() -> Path:
