@@ -72,20 +72,20 @@ def row(run: Path) -> str | None:
 
         with safe_open(str(te_dir / "model.safetensors"), "pt") as f:
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    attrs = [f"{100 * r['overall'][a]:.1f}%" for a in ("color", "shape", "size", "direction")]
     groups = [f"{100 * r['groups'][g]['all']:.1f}%" for g in GROUPS]
-    overall = f"{100 * r['overall']['all']:.1f}%"
     fd = f"{r['frechet_distance']:.3f}"
     return " | ".join(
-        [run.name, f"{params / 1e6:.2f}M", f"{seconds / 60:.1f}", *groups, overall, fd]
+        [run.name, f"{params / 1e6:.2f}M", f"{seconds / 60:.1f}", *attrs, *groups, fd]
     )
 
 
 def table(out: Path) -> None:
     print(
-        "| text encoder | trained params | train min (1 thread) | seen | held-out | two-object "
-        "| paraphrase | overall | Fréchet |"
+        "| text encoder | trained text params | train min | colour | shape | size | direction "
+        "| all: seen | all: held-out | all: two-object | all: paraphrase | Fréchet |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ENCODERS:
         line = row(out / name)
         print(f"| {line} |" if line else f"| {name} | (not run) |")
@@ -110,7 +110,7 @@ def main() -> None:
             if any(proc.wait() for proc in running):
                 sys.exit(f"a run failed; see the logs under {args.out}")
         print(f"all runs: {(time.time() - start) / 60:.1f} min")
-    print(f"Eval: {args.count} clips per encoder; table from {args.out}")
+    print(f"Eval: {args.count} clips per encoder (attributes over all groups); runs in {args.out}")
     table(args.out)
 
 
