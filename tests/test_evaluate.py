@@ -166,6 +166,7 @@ def test_evaluate_with_a_perfect_generator_writes_a_consistent_report(tmp_path):
     assert report["overall"]["all"] == np.mean([c["correct"] for c in report["clips"]])
     assert report["frechet_distance"] < 1e-6  # the same clips as the reference
     assert report["frechet_floor"] > 0
+    assert report["autoencoder_ceiling"] is None  # a bare generator has no autoencoder
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["overall"] == report["overall"]
     markdown = (tmp_path / "report.md").read_text()
@@ -174,6 +175,31 @@ def test_evaluate_with_a_perfect_generator_writes_a_consistent_report(tmp_path):
     gifs = re.findall(r"\]\((clips/\d+(?:_rendered)?\.gif)\)", markdown)
     assert len(gifs) == 2 * 2 * len(ev.GROUPS)
     assert all(read_video(tmp_path / g).shape == (16, 64, 64, 3) for g in gifs)
+
+
+class WithAutoencoder(RenderingGenerator):
+    """A fake pipeline whose autoencoder round trip either keeps clips or blanks them."""
+
+    def __init__(self, count: int, keeps: bool):
+        super().__init__(count)
+        self.keeps = keeps
+
+    def reconstruct(self, clips):
+        return clips.copy() if self.keeps else np.zeros_like(clips)
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_autoencoder_ceiling_scores_the_round_trip_of_the_truth(keeps):
+    report = ev.evaluate(WithAutoencoder(16, keeps), count=16, batch_size=8, progress=False)
+    ceiling = report["autoencoder_ceiling"]
+    assert set(ceiling) == {"overall", *ev.GROUPS}
+    assert all(v == (1.0 if keeps else 0.0) for v in ceiling.values())
+    assert report["overall"]["all"] == 1.0  # the generated clips are scored as before
+    table = ev.format_table(report)
+    assert "autoencoder_ceiling |" in table
+    assert "| overall | 16 |" in table and table.splitlines()[-3].endswith(
+        "| 100.0% |" if keeps else "| 0.0% |"
+    )
 
 
 def test_evaluate_with_a_black_generator_scores_zero():
@@ -192,6 +218,7 @@ def test_eval_cli_scores_a_saved_model(tiny_model_dir, tmp_path, capsys):
     report = ev.eval_cli(str(tiny_model_dir), 8, str(tmp_path), 2, None, 0, 4, "cpu")
     assert report["steps"] == 2 and report["count"] == 8
     assert report["overall"]["all"] == 0
+    assert 0 <= report["autoencoder_ceiling"]["overall"] <= 1  # the real round trip ran
     assert (tmp_path / "report.json").is_file() and (tmp_path / "clips" / "0000.gif").is_file()
     out = capsys.readouterr().out
     assert "| overall | 8 |" in out and str(tmp_path / "report.md") in out

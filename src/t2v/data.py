@@ -556,3 +556,9 @@ def to_model_tensor(clips: np.ndarray) -> torch.Tensor:
         raise ValueError("Clips must be a uint8 array (B, T, H, W, 3).")
     x = torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
     return x.contiguous().float().div_(127.5).sub_(1.0)
+
+
+def to_uint8_clips(x: torch.Tensor) -> np.ndarray:
+    """The inverse of to_model_tensor: (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
+    frames = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return frames.permute(0, 2, 3, 4, 1).cpu().numpy()

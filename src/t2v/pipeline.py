@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from t2v import config as cfg
+from t2v.data import to_model_tensor, to_uint8_clips
 from t2v.flow import time_grid
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from t2v.models.generator import GeneratorConfig, LatentGenerator
@@ -250,12 +251,20 @@ class TextToVideoPipeline:
             mark = time.perf_counter()
             # 5. Decode latents to frames.
             video = self.autoencoder.decode(z).float()  # (B, 3, T, H, W)
-        frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        out = frames.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
+        out = to_uint8_clips(video)  # (B, T, H, W, 3)
         clock["decoding"] = time.perf_counter() - mark
         if timings is not None:
             timings.update(clock)
         return out
+
+    @torch.no_grad()
+    def reconstruct(self, clips: np.ndarray) -> np.ndarray:
+        """Pass uint8 clips (B, T, H, W, 3) through the autoencoder and back: the best the
+        generator could show, since it only makes latents."""
+        x = to_model_tensor(clips).to(self.device)
+        with autocast(self.device, self.precision):
+            video = self.autoencoder.decode(self.autoencoder.encode(x))
+        return to_uint8_clips(video)
 
     def __call__(
         self,

@@ -27,7 +27,7 @@ from torch import nn
 
 from t2v import config as cfg
 from t2v import shapes
-from t2v.data import open_source, to_model_tensor
+from t2v.data import open_source, to_model_tensor, to_uint8_clips
 from t2v.flow import flow_loss, sample_t
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder, psnr
 from t2v.models.generator import GeneratorConfig, LatentGenerator
@@ -580,10 +580,8 @@ class Trainer:
         if self.stage_name == "autoencoder":
             ae = self.ema_model().autoencoder
             clips, _ = shapes.train_batch(self.config.data.seed + 1, 0, 4)
-            x = to_model_tensor(clips).to(self.device)
-            recon = ae.decode(ae.encode(x)).float()
-            recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte()
-            rows = np.concatenate([clips, recon.permute(0, 2, 3, 4, 1).cpu().numpy()], axis=2)
+            recon = to_uint8_clips(ae.decode(ae.encode(to_model_tensor(clips).to(self.device))))
+            rows = np.concatenate([clips, recon], axis=2)
         else:
             pipe = self._ema_pipeline()
             rows = pipe.generate(
