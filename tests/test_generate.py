@@ -1,12 +1,13 @@
 """`t2v generate` with a tiny model: files that play, every format, batch mode, seeds, errors."""
 
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from t2v.cli import main
+from t2v.cli import build_parser, main
 from t2v.pipeline import TextToVideoPipeline
 from t2v.video import read_video
 
@@ -231,3 +232,28 @@ def test_a_model_folder_with_a_pickle_exits_2(tmp_path, tiny_model_dir, capsys):
 def test_conflicting_or_missing_modes_exit_2(tiny_model_dir, capsys, argv, message):
     assert generate(*argv, "--model", tiny_model_dir) == 2
     assert message in capsys.readouterr().err
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """(name, parser) for the parser and every nested subcommand."""
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _subparsers(child)
+
+
+def test_every_help_documents_every_option_without_empty_defaults():
+    parsers = list(_subparsers(build_parser()))
+    names = {name for name, _ in parsers}
+    assert {"t2v generate", "t2v eval", "t2v train", "t2v serve", "t2v data prepare"} <= names
+    for name, parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue  # each subcommand has its own help, checked on its own
+            assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+        text = parser.format_help()
+        for empty in ("(default: None)", "(default: False)", "(default: [])"):
+            assert empty not in text, f"{name} --help shows {empty}"
+    generate = dict(parsers)["t2v generate"].format_help()
+    assert "(default: 0)" in generate  # --seed: a real default of 0 is still shown

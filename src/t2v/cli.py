@@ -14,8 +14,18 @@ from pathlib import Path
 FORMAT_CHOICES = ("mp4", "webm", "gif", "png")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Adds "(default: X)" to an option's help, unless the help already names its default or
+    the default is only "not given" (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        unset = default is None or default is False or default == [] or default == "==SUPPRESS=="
+        if "default" in text or unset:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _parser(sub, name: str, help: str, description: str | None = None):
@@ -128,11 +138,15 @@ def _add_train(sub) -> None:
         "train",
         "Train the autoencoder or the generator stage.",
         "Train one stage of a model. Run `autoencoder` first, then `generator`; the "
-        "generator stage trains a from-scratch text encoder with it and writes the "
-        "model folder RUN_DIR/model. Works unchanged under `torchrun`.",
+        "generator stage also trains the text encoder (a frozen pretrained one stays as it "
+        "is) and writes the model folder RUN_DIR/model. Works unchanged under `torchrun`.",
     )
     p.add_argument("stage", choices=("autoencoder", "generator"), help="what to train")
-    p.add_argument("--config", type=Path, help="YAML or TOML recipe (see configs/)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML or TOML recipe (see configs/); without it, built-in defaults",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
