@@ -2,6 +2,7 @@
 
 import math
 import shutil
+import stat
 from dataclasses import replace
 
 import numpy as np
@@ -279,6 +280,10 @@ def test_save_then_load_gives_identical_clips(pipe, tmp_path):
         "text_encoder",
         "tokenizer.json",
     ]
+    # Every file is readable by all, so a server running as another user can load it
+    # (safetensors' own writer makes 0600 files).
+    modes = {f.relative_to(tmp_path): stat.S_IMODE(f.stat().st_mode) for f in tmp_path.rglob("*.*")}
+    assert modes and all(m & 0o044 == 0o044 for m in modes.values()), modes
     loaded = TextToVideoPipeline.from_pretrained(tmp_path, device="cpu")
     np.testing.assert_array_equal(
         loaded.generate(PROMPTS, [1, 2, 3]), pipe.generate(PROMPTS, [1, 2, 3])

@@ -265,14 +265,14 @@ def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint_to_resume_fr
 ):
     run = with_autoencoder(tmp_path / "run", autoencoder_run)
     path = recipe(run, shards, steps=4)
-    save_file = train_module.save_file
+    save_tensors = train_module.cfg.save_tensors
 
-    def disk_full_at_step_3(tensors, filename):
-        if "ckpt-0000003" in filename and filename.endswith("ema.safetensors"):
+    def disk_full_at_step_3(tensors, path):
+        if "ckpt-0000003" in str(path) and str(path).endswith("ema.safetensors"):
             raise OSError("No space left on device")
-        save_file(tensors, filename)
+        save_tensors(tensors, path)
 
-    monkeypatch.setattr(train_module, "save_file", disk_full_at_step_3)
+    monkeypatch.setattr(train_module.cfg, "save_tensors", disk_full_at_step_3)
     with pytest.raises(OSError):
         train_cli(path, "generator")
     monkeypatch.undo()

@@ -197,6 +197,14 @@ def save_json(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
+def save_tensors(tensors: dict, path: str | Path) -> None:
+    """Write a safetensors file atomically, readable by all (safetensors' own writer makes
+    0600 files, which a server running as another user cannot load)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors))
+
+
 def load_json(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     try:

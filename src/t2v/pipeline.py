@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from t2v import config as cfg
 from t2v.data import to_model_tensor, to_uint8_clips
@@ -81,12 +81,13 @@ def refuse_pickles(path: Path) -> None:
             )
 
 
-def _save_component(module: torch.nn.Module, config, folder: Path) -> None:
+def save_component(module: torch.nn.Module, config, folder: Path) -> None:
+    """A component folder: config.json and, if it has any, its weights as model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg.save_json(config, folder / "config.json")
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     if state:
-        save_file(state, str(folder / "model.safetensors"))
+        cfg.save_tensors(state, folder / "model.safetensors")
 
 
 def _load_weights(module: torch.nn.Module, folder: Path) -> None:
@@ -152,14 +153,14 @@ class TextToVideoPipeline:
         path.mkdir(parents=True, exist_ok=True)
         te = self.text_encoder
         if te.trainable:
-            _save_component(te, te.config, path / "text_encoder")
+            save_component(te, te.config, path / "text_encoder")
         else:  # nothing trained: the config names the frozen model
             (path / "text_encoder").mkdir(exist_ok=True)
             cfg.save_json(te.config, path / "text_encoder" / "config.json")
         if isinstance(getattr(te, "tokenizer", None), Tokenizer):
             te.tokenizer.save(path / "tokenizer.json")
-        _save_component(self.autoencoder, self.autoencoder.config, path / "autoencoder")
-        _save_component(self.generator, self.generator.config, path / "generator")
+        save_component(self.autoencoder, self.autoencoder.config, path / "autoencoder")
+        save_component(self.generator, self.generator.config, path / "generator")
         cfg.save_json(self.config, path / "pipeline.json")
         (path / "README.md").write_text(card or self.default_card(), encoding="utf-8")
         return path

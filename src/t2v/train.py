@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from t2v import config as cfg
@@ -38,6 +38,7 @@ from t2v.pipeline import (
     autocast,
     refuse_pickles,
     resolve_device,
+    save_component,
 )
 from t2v.text import Tokenizer
 
@@ -242,10 +243,13 @@ class Checkpointer:
         for stale in self.folder.glob(".tmp-ckpt-*"):  # left by a save that crashed
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file(ema, str(tmp / "ema.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng, str(tmp / "rng.safetensors"))
+        for name, tensors in (
+            ("model", weights),
+            ("ema", ema),
+            ("optimizer", opt_tensors),
+            ("rng", rng),
+        ):
+            cfg.save_tensors(tensors, tmp / f"{name}.safetensors")
         (tmp / "state.json").write_text(
             json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1)
         )
@@ -607,12 +611,7 @@ class Trainer:
                 "steps": self.step,
             }
             folder = self.out / "final"
-            folder.mkdir(parents=True, exist_ok=True)
-            cfg.save_json(ae.config, folder / "config.json")
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()},
-                str(folder / "model.safetensors"),
-            )
+            save_component(ae, ae.config, folder)
         else:
             folder = self._ema_pipeline().save_pretrained(Path(self.config.run_dir) / "model")
             metrics = {"steps": self.step}
