@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.t2v-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test lint bench browser clean
+.PHONY: install demo test lint bench bench-encoders browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,14 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
+# Each bench prints a table. The text-encoder comparison trains four generators (about 41
+# minutes on 2 cores), so it has its own target.
+QUICK_BENCHES := data generate serve train text_binding
 bench: install
-	for f in bench/*.py; do $(PY) $$f || exit 1; done
+	for f in $(QUICK_BENCHES); do $(PY) bench/$$f.py || exit 1; done
+
+bench-encoders: install
+	$(PY) bench/text_encoders.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

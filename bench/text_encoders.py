@@ -6,8 +6,9 @@ trained autoencoder; then `t2v eval` on the same eval clips. Only the text encod
 Runs go two at a time with one thread each (on 2 cores that trains faster in all than one
 run on two threads), so the times are per run at one thread.
 
-Run:     .venv/bin/python bench/text_encoders.py --autoencoder runs/moving-shapes/autoencoder/final
-         (about 45 minutes on 2 idle cores at the defaults)
+Run:     .venv/bin/python bench/text_encoders.py   (or `make bench-encoders`)
+         (about 45 minutes on 2 idle cores at the defaults; over the bundled model's
+         autoencoder unless --autoencoder names another)
 Table of finished runs only: .venv/bin/python bench/text_encoders.py --collect
 """
 
@@ -94,7 +95,13 @@ def table(out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "moving-shapes.yaml")
-    p.add_argument("--autoencoder", type=Path, help="a trained autoencoder's final/ folder")
+    p.add_argument(
+        "--autoencoder",
+        type=Path,
+        default=ROOT / "src" / "t2v" / "default_model" / "autoencoder",
+        help="a trained autoencoder's folder (default: the bundled model's, which is the "
+        "recipe's runs/moving-shapes/autoencoder/final)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "text-encoders")
     p.add_argument("--steps", type=int, default=1000, help="generator steps per encoder")
     p.add_argument("--count", type=int, default=120, help="eval clips per encoder")
@@ -102,7 +109,7 @@ def main() -> None:
     args = p.parse_args()
     if not args.collect:
         if args.autoencoder is None or not (args.autoencoder / "model.safetensors").is_file():
-            p.error("--autoencoder must name a trained autoencoder's final/ folder")
+            p.error("--autoencoder must name a trained autoencoder's folder")
         names = list(ENCODERS)
         start = time.time()
         for i in range(0, len(names), 2):
