@@ -260,6 +260,27 @@ def test_checkpoints_keep_the_last_few_complete_and_in_safetensors(generator_run
     assert "torch_cpu" in load_file(str(ckpt / "rng.safetensors"))
 
 
+def test_export_writes_any_kept_checkpoint_as_a_model_folder(generator_run, tmp_path, capsys):
+    out = generator_run / "generator"
+    # The latest checkpoint is the EMA the stage itself wrote to RUN_DIR/model at its end.
+    assert main(["export", str(generator_run), "-o", str(tmp_path / "latest")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "latest")
+    for part in ("generator", "text_encoder"):
+        assert (tmp_path / "latest" / part / "model.safetensors").read_bytes() == (
+            generator_run / "model" / part / "model.safetensors"
+        ).read_bytes()
+    assert main(["export", str(generator_run), "--step", "5", "-o", str(tmp_path / "s5")]) == 0
+    ema = load_file(str(out / "ckpt-0000005" / "ema.safetensors"))
+    pipe = TextToVideoPipeline.from_pretrained(tmp_path / "s5", device="cpu")
+    weights = pipe.generator.state_dict()
+    assert all(torch.equal(weights[k], ema[f"generator.{k}"]) for k in weights)
+    assert pipe(PROMPT, seed=0, steps=2).frames.shape == (8, 32, 32, 3)
+    assert main(["export", str(generator_run), "--step", "2", "-o", str(tmp_path / "s2")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"t2v: error: No checkpoint of step 2 in {out}; it has: 5, 6.\n"
+    assert not (tmp_path / "s2").exists()
+
+
 def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint_to_resume_from(
     tmp_path, monkeypatch, shards, autoencoder_run
 ):

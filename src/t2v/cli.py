@@ -1,4 +1,4 @@
-"""The `t2v` command: data, train, generate, eval, serve, keys.
+"""The `t2v` command: data, train, export, generate, eval, serve, keys.
 
 Heavy imports (torch, av) happen inside the handlers so that `t2v --help` is instant.
 Knob names match the Python API and the web API: prompt, negative_prompt, seed, steps,
@@ -186,6 +186,29 @@ def _train(a) -> None:
     )
 
 
+def _add_export(sub) -> None:
+    p = _parser(
+        sub,
+        "export",
+        "Write a generator checkpoint as a model folder.",
+        "Write the EMA weights of a generator checkpoint in RUN_DIR as a model folder, like "
+        "the RUN_DIR/model that the stage writes at its end; then `t2v eval --model` or "
+        "`t2v generate --model` can use any checkpoint the run kept.",
+    )
+    p.add_argument("run_dir", type=Path, help="the run directory given to `t2v train`")
+    p.add_argument(
+        "--step", type=int, default=None, help="the checkpoint's step (default: the latest)"
+    )
+    p.add_argument("-o", "--output", type=Path, required=True, help="the model folder to write")
+    p.set_defaults(func=_export)
+
+
+def _export(a) -> None:
+    from t2v.train import export_checkpoint
+
+    print(export_checkpoint(a.run_dir, a.output, a.step))
+
+
 # --- generate ------------------------------------------------------------------------------
 
 
@@ -311,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data(sub)
     _add_train(sub)
+    _add_export(sub)
     _add_generate(sub)
     _add_eval(sub)
     from t2v.serve import register_cli

@@ -645,6 +645,31 @@ def autoencoder_psnr(ae: VideoAutoencoder, device: torch.device, count: int = 64
     return psnr(recon, x)
 
 
+def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Write a generator checkpoint's EMA weights as a model folder, like the one the stage
+    writes at its end: the latest checkpoint, or the one of ``step``."""
+    run_dir, out = Path(run_dir), Path(out)
+    resolved = run_dir / "generator" / "config.json"
+    if not resolved.is_file():
+        raise TrainingError(f"No generator run at {run_dir}: {resolved} is missing.")
+    folder = run_dir / "generator"
+    found = {int(p.name.split("-")[1]): p for p in sorted(folder.glob("ckpt-*[0-9]"))}
+    if not found or (step is not None and step not in found):
+        have = ", ".join(map(str, found)) or "none"
+        raise TrainingError(
+            f"No checkpoint of step {step} in {folder}; it has: {have}."
+            if step is not None
+            else f"No checkpoint in {folder}."
+        )
+    config = cfg.load_json(TrainConfig, resolved)
+    config.run_dir, config.device = str(run_dir), "cpu"
+    trainer = Trainer(config, "generator", progress=False)
+    trainer.ema, _ = Checkpointer.load(
+        found[max(found) if step is None else step], trainer.model, trainer.opt, trainer.device
+    )
+    return trainer._ema_pipeline().save_pretrained(out)
+
+
 def train(
     stage: str,
     config: TrainConfig,
