@@ -191,6 +191,52 @@ def test_a_fresh_generator_starts_at_zero_velocity(pipe):
     assert v.abs().max() == 0
 
 
+def _joint(pipe) -> LatentGenerator:
+    """A joint-attention generator of the tiny pipeline's size, nudged off adaLN-Zero."""
+    torch.manual_seed(0)
+    gen = LatentGenerator(replace(pipe.generator.config, text_attention="joint"))
+    with torch.no_grad():
+        for p in gen.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return gen.eval()
+
+
+def test_a_joint_attention_generator_has_no_cross_attention_and_starts_at_zero(pipe):
+    cfg = replace(pipe.generator.config, text_attention="joint")
+    gen = LatentGenerator(cfg)
+    assert not any(".cross." in name for name, _ in gen.named_parameters())
+    assert any(".cross." in name for name, _ in pipe.generator.named_parameters())
+    with torch.no_grad():
+        v = gen(torch.randn(1, 4, 4, 8, 8), torch.tensor([0.5]), pipe.text_encoder(["a"]))
+    assert v.abs().max() == 0
+
+
+def test_a_joint_attention_generator_reads_the_text_and_ignores_its_padding(pipe):
+    gen = _joint(pipe)
+    x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.6])
+    short, long = "a red circle", PROMPTS[1]
+    with torch.no_grad():
+        alone = gen(x, t, pipe.text_encoder([short]))
+        padded = gen(torch.cat([x, x]), torch.cat([t, t]), pipe.text_encoder([short, long]))
+    assert pipe.text_encoder([short, long]).mask[0].sum() < pipe.text_encoder([long]).mask.sum()
+    assert alone.shape == x.shape
+    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(padded[1:], alone)
+
+
+def test_a_joint_attention_model_saves_and_reloads_with_its_config(pipe, tmp_path):
+    joint = TextToVideoPipeline(
+        pipe.text_encoder, pipe.autoencoder, _joint(pipe), pipe.config, device="cpu"
+    )
+    joint.save_pretrained(tmp_path)
+    loaded = TextToVideoPipeline.from_pretrained(tmp_path, device="cpu")
+    assert loaded.generator.config.text_attention == "joint"
+    np.testing.assert_array_equal(
+        loaded.generate(PROMPTS, [4, 5, 6]), joint.generate(PROMPTS, [4, 5, 6])
+    )
+
+
 # --- samplers ----------------------------------------------------------------------------------
 
 

@@ -174,10 +174,15 @@ def test_autoencoder_stage_writes_weights_with_latent_stats_of_its_data(autoenco
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_generator_stage_writes_a_model_folder_that_generates(tmp_path, shards, autoencoder_run):
+@pytest.mark.parametrize("text_attention", ["cross", "joint"])
+def test_generator_stage_writes_a_model_folder_that_generates(
+    tmp_path, shards, autoencoder_run, text_attention
+):
     run = with_autoencoder(tmp_path / "run", autoencoder_run)
-    assert train_cli(recipe(run, shards, steps=1), "generator") == 0
+    setting = f"generator.text_attention={text_attention}"
+    assert train_cli(recipe(run, shards, steps=1), "generator", "--set", setting) == 0
     pipe = TextToVideoPipeline.from_pretrained(run / "model", device="cpu")
+    assert pipe.generator.config.text_attention == text_attention
     trained_ae = load_file(str(autoencoder_run / "autoencoder" / "final" / "model.safetensors"))
     assert all(torch.equal(v, trained_ae[k]) for k, v in pipe.autoencoder.state_dict().items())
     clip = pipe(PROMPT, seed=1, steps=2).frames
@@ -370,6 +375,10 @@ def test_torchrun_with_two_processes_keeps_ranks_identical_on_different_data(
             "text_encoder.adapter_depth must be 0 or more, with a positive width.",
         ),
         ("precision=fp16", "precision is 'fp16', but it must be one of 'fp32', 'bf16'."),
+        (
+            "generator.text_attention=both",
+            "generator.text_attention is 'both', but it must be one of 'cross', 'joint'.",
+        ),
     ],
 )
 def test_a_config_mistake_is_named_in_one_sentence(tmp_path, capsys, shards, override, message):

@@ -1,6 +1,9 @@
 """Latent video generator: a diffusion transformer (Peebles & Xie 2023, "DiT") over latent
 patches, conditioned on the flow time through adaLN-Zero modulation shared across blocks
-(adaLN-single, Chen et al. 2023 "PixArt-alpha") and on the text through cross-attention.
+(adaLN-single, Chen et al. 2023 "PixArt-alpha") and on the text through either
+cross-attention, or joint attention: the text tokens join the latent tokens in every block's
+self-attention and MLP, with the same weights (the single-stream blocks of FLUX.1; Esser et
+al. 2024 "MM-DiT" for the joint sequence), so the text is refined alongside the video.
 
 The network predicts a velocity; it knows nothing of flow matching or sampling.
 """
@@ -8,6 +11,7 @@ The network predicts a velocity; it knows nothing of flow matching or sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from einops import rearrange
@@ -30,6 +34,9 @@ class GeneratorConfig:
     mlp_ratio: float = 4.0
     text_dim: int = 256  # the text encoder's output_dim
     cond_dropout: float = 0.1  # share of captions replaced by "" in training, for guidance
+    # "cross": the latent tokens attend to the text in a cross-attention layer per block;
+    # "joint": the text tokens join the latent tokens' sequence.
+    text_attention: Literal["cross", "joint"] = "cross"
 
     def validate(self) -> None:
         if self.latent_frames % self.patch_t or self.latent_size % self.patch_s:
@@ -51,25 +58,30 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 class Block(nn.Module):
-    """Self-attention, cross-attention to text, MLP; adaLN-Zero gates on the residuals."""
+    """Self-attention, cross-attention to text (unless the text is in the sequence), MLP;
+    adaLN-Zero gates on the residuals."""
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         d = cfg.width
         self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
         self.attn = Attention(d, cfg.heads)
-        self.ln_x = nn.LayerNorm(d)
-        self.cross = Attention(d, cfg.heads, context_dim=cfg.text_dim)
+        self.joint = cfg.text_attention == "joint"
+        if not self.joint:
+            self.ln_x = nn.LayerNorm(d)
+            self.cross = Attention(d, cfg.heads, context_dim=cfg.text_dim)
         self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
         self.mlp = MLP(d, cfg.mlp_ratio)
         # This block's learned offset to the shared modulation (adaLN-single).
         self.mod_bias = nn.Parameter(torch.zeros(6, d))
 
-    def forward(self, x, mod, text: TextEncoding):
-        """x: (B, N, D); mod: (B, 6, D) shared time modulation; text tokens (B, L, Dt)."""
+    def forward(self, x, mod, text: TextEncoding, mask: torch.Tensor | None = None):
+        """x: (B, N, D), with the text tokens at the end when joint; mod: (B, 6, D) shared
+        time modulation; text tokens (B, L, Dt); mask: (B, N) keys to attend, when joint."""
         sh1, sc1, g1, sh2, sc2, g2 = (mod + self.mod_bias).unbind(1)  # each (B, D)
-        x = x + g1[:, None] * self.attn(_modulate(self.ln1(x), sh1, sc1))
-        x = x + self.cross(self.ln_x(x), text.tokens, text.mask)
+        x = x + g1[:, None] * self.attn(_modulate(self.ln1(x), sh1, sc1), mask=mask)
+        if not self.joint:
+            x = x + self.cross(self.ln_x(x), text.tokens, text.mask)
         return x + g2[:, None] * self.mlp(_modulate(self.ln2(x), sh2, sc2))
 
 
@@ -88,6 +100,8 @@ class LatentGenerator(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.text_pool = nn.Linear(c.text_dim, d)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if c.text_attention == "joint":
+            self.text_in = nn.Sequential(nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, d))
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
         self.out_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -110,11 +124,16 @@ class LatentGenerator(nn.Module):
         )
         h = self.patch_in(tokens) + self.pos_t + self.pos_h + self.pos_w  # (B, T, H, W, D)
         h = h.flatten(1, 3)  # (B, N, D)
+        n, mask = h.shape[1], None
+        if c.text_attention == "joint":  # append the text tokens; padding is never a key
+            h = torch.cat([h, self.text_in(text.tokens.to(h.dtype))], dim=1)
+            mask = torch.cat([text.mask.new_ones(h.shape[0], n), text.mask], dim=1)
         cond = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
         cond = cond + self.text_pool(text.pooled.to(h.dtype))  # (B, D)
         mod = self.modulation(cond).unflatten(1, (6, c.width))  # (B, 6, D)
         for block in self.blocks:
-            h = block(h, mod, text)
+            h = block(h, mod, text, mask)
+        h = h[:, :n]  # the latent tokens
         shift, scale = self.out_mod(cond).chunk(2, dim=1)
         out = self.patch_out(_modulate(self.ln_out(h), shift, scale))  # (B, N, patch_dim)
         return rearrange(
