@@ -195,7 +195,9 @@ def _add_export(sub) -> None:
         "the RUN_DIR/model that the stage writes at its end; then `t2v eval --model` or "
         "`t2v generate --model` can use any checkpoint the run kept.",
     )
-    p.add_argument("run_dir", type=Path, help="the run directory given to `t2v train`")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", type=Path, help="the run directory given to `t2v train`"
+    )
     p.add_argument(
         "--step", type=int, default=None, help="the checkpoint's step (default: the latest)"
     )
