@@ -17,7 +17,9 @@ from t2v.models.generator import LatentGenerator
 from t2v.models.text_encoders import (
     PretrainedTextEncoder,
     TextEncoderConfig,
+    TextEncoding,
     build_text_encoder,
+    split_objects,
 )
 from t2v.pipeline import ModelError, TextToVideoPipeline
 from t2v.sampling import SAMPLERS, sample_euler, sample_heun
@@ -59,6 +61,49 @@ def test_scratch_text_encoders_give_tokens_mask_and_pooled(tokenizer, kind):
     alone = encoder(["a red circle"])
     torch.testing.assert_close(out.tokens[0, :4], alone.tokens[0])
     torch.testing.assert_close(out.pooled[0], alone.pooled[0])
+
+
+@pytest.mark.parametrize(
+    "prompt, clauses",
+    [
+        ("a red circle moving left", ["a red circle moving left"]),
+        ("a big red ball moving up and to the left", ["a big red ball moving up and to the left"]),
+        ("a red orb, huge and travelling leftwards", ["a red orb, huge and travelling leftwards"]),
+        ("a red disc rising and a blue box falling", ["a red disc rising", "a blue box falling"]),
+        ("a red disc rising, while an old cross", ["a red disc rising", "an old cross"]),
+        ("A cat, a dog WITH a hat", ["A cat", "a dog", "a hat"]),
+        ("a 1 and a 2 and a 3 and a 4 and a 5", ["a 1", "a 2", "a 3", "a 4 and a 5"]),
+        ("", [""]),
+    ],
+)
+def test_prompts_split_into_object_clauses_before_each_article(prompt, clauses):
+    assert split_objects(prompt) == clauses
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gru"])
+def test_split_encoding_keeps_each_object_clause_to_itself(tokenizer, kind):
+    config = from_dict(
+        TextEncoderConfig, {**TINY_TRAIN["text_encoder"], "kind": kind, "split_objects": True}
+    )
+    encoder = build_text_encoder(config, tokenizer)
+    first, second = "a red circle moving left", "a small blue square moving up"
+    out = encoder([f"{first} and {second}", f"{first}, while a green cross", first])
+    alone = encoder.encode([first, second])
+    # Slot 0 is the first clause's pooled vector then its tokens, exactly as encoded alone.
+    n0, n1 = int(alone.mask[0].sum()), int(alone.mask[1].sum())
+    assert out.slots[0].tolist() == [0] * (1 + n0) + [1] * (1 + n1)
+    assert out.mask[[0, 2]].sum(1).tolist() == [2 + n0 + n1, 1 + n0]
+    torch.testing.assert_close(out.tokens[0, 0], alone.pooled[0])
+    torch.testing.assert_close(out.tokens[0, 1 : 1 + n0], alone.tokens[0, :n0])
+    torch.testing.assert_close(out.tokens[0, 2 + n0 : 2 + n0 + n1], alone.tokens[1, :n1])
+    torch.testing.assert_close(out.pooled[0], alone.pooled.mean(0))
+    # The second object's words never reach the first object's states.
+    torch.testing.assert_close(out.tokens[1, : 1 + n0], out.tokens[0, : 1 + n0])
+    torch.testing.assert_close(out.tokens[2, : 1 + n0], out.tokens[0, : 1 + n0])
+    assert out.slots[2, : 1 + n0].eq(0).all() and out.tokens[2, 1 + n0 :].abs().sum() == 0
+    # Encodings with and without slots concatenate (as guidance does with "").
+    both = TextEncoding.cat([out, encoder.encode([""])])
+    assert both.slots.shape == both.mask.shape and both.slots[3].eq(0).all()
 
 
 def test_a_gru_encoder_needs_an_even_width(tokenizer):
@@ -200,6 +245,23 @@ def _joint(pipe) -> LatentGenerator:
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     return gen.eval()
+
+
+def test_slot_embeddings_tell_apart_the_objects_of_a_split_prompt(pipe):
+    gen = LatentGenerator(replace(pipe.generator.config, text_slots=2))
+    gen.load_state_dict(pipe.generator.state_dict(), strict=False)
+    gen.eval()
+    x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.5])
+    text = pipe.text_encoder(["a red circle"])
+    slots = torch.zeros_like(text.mask, dtype=torch.long)
+    with torch.no_grad():
+        base = gen(x, t, text)
+        torch.testing.assert_close(gen(x, t, text._replace(slots=slots)), base)
+        assert not torch.allclose(gen(x, t, text._replace(slots=slots + 1)), base)
+        # Slots past the last embedding share it.
+        torch.testing.assert_close(
+            gen(x, t, text._replace(slots=slots + 5)), gen(x, t, text._replace(slots=slots + 1))
+        )
 
 
 def test_a_joint_attention_generator_has_no_cross_attention_and_starts_at_zero(pipe):

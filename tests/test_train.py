@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TRAIN, build_tiny_pipeline
 from t2v import config as cfg
+from t2v import shapes
 from t2v import train as train_module
 from t2v.cli import main
 from t2v.data import open_source, to_model_tensor
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from t2v.models.generator import LatentGenerator
-from t2v.models.text_encoders import PretrainedTextEncoder, TextEncoderConfig
+from t2v.models.text_encoders import PretrainedTextEncoder, TextEncoderConfig, build_text_encoder
 from t2v.pipeline import TextToVideoPipeline
 from t2v.train import Checkpointer, TrainConfig, Trainer, TrainingError
 from t2v.video import read_video, write_video
@@ -174,15 +175,20 @@ def test_autoencoder_stage_writes_weights_with_latent_stats_of_its_data(autoenco
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("text_attention", ["cross", "joint"])
+@pytest.mark.parametrize(
+    "text_attention, split", [("cross", "false"), ("joint", "false"), ("cross", "true")]
+)
 def test_generator_stage_writes_a_model_folder_that_generates(
-    tmp_path, shards, autoencoder_run, text_attention
+    tmp_path, shards, autoencoder_run, text_attention, split
 ):
     run = with_autoencoder(tmp_path / "run", autoencoder_run)
-    setting = f"generator.text_attention={text_attention}"
-    assert train_cli(recipe(run, shards, steps=1), "generator", "--set", setting) == 0
+    settings = ["--set", f"generator.text_attention={text_attention}"]
+    settings += ["--set", f"text_encoder.split_objects={split}"]
+    assert train_cli(recipe(run, shards, steps=1), "generator", *settings) == 0
     pipe = TextToVideoPipeline.from_pretrained(run / "model", device="cpu")
     assert pipe.generator.config.text_attention == text_attention
+    assert pipe.text_encoder.config.split_objects == (split == "true")
+    assert pipe.generator.config.text_slots == (4 if split == "true" else 0)
     trained_ae = load_file(str(autoencoder_run / "autoencoder" / "final" / "model.safetensors"))
     assert all(torch.equal(v, trained_ae[k]) for k, v in pipe.autoencoder.state_dict().items())
     clip = pipe(PROMPT, seed=1, steps=2).frames
@@ -379,6 +385,12 @@ def test_torchrun_with_two_processes_keeps_ranks_identical_on_different_data(
             "generator.text_attention=both",
             "generator.text_attention is 'both', but it must be one of 'cross', 'joint'.",
         ),
+        ("generator.attention_loss=-1", "generator.attention_loss must be 0 or more."),
+        (
+            "generator.attention_loss=0.1",
+            "generator.attention_loss needs text_encoder.split_objects: true and "
+            "generator.text_attention: cross.",
+        ),
     ],
 )
 def test_a_config_mistake_is_named_in_one_sentence(tmp_path, capsys, shards, override, message):
@@ -387,6 +399,16 @@ def test_a_config_mistake_is_named_in_one_sentence(tmp_path, capsys, shards, ove
     err = capsys.readouterr().err
     assert err == f"t2v: error: {message}\n"
     assert not run.exists()
+
+
+def test_the_attention_loss_on_data_without_object_boxes_is_one_sentence(tmp_path, capsys, shards):
+    run = tmp_path / "run"
+    extra = ["--set", "text_encoder.split_objects=true", "--set", "generator.attention_loss=1"]
+    assert train_cli(recipe(run, shards), "generator", *extra) == 2
+    assert capsys.readouterr().err == (
+        "t2v: error: generator.attention_loss needs to know where each object is, which only "
+        "the Moving Shapes source does; set it to 0 for other data.\n"
+    )
 
 
 def test_an_unknown_key_in_the_yaml_file_is_named(tmp_path, capsys, shards):
@@ -556,3 +578,80 @@ def test_clip_size_mismatch_is_one_sentence(tmp_path):
     trainer = Trainer(config, "autoencoder", progress=False)
     with pytest.raises(TrainingError, match="expects 8x32x32"):
         trainer.train_step()
+
+
+# --- the attention loss ----------------------------------------------------------------------
+
+
+def _square(color, x0, y0, direction="right", size="large"):
+    return shapes.ObjectSpec(color, "square", size, direction, x0, y0)
+
+
+def test_token_coverage_follows_the_rendered_objects():
+    specs = [
+        shapes.ClipSpec(
+            (_square("red", 3.0, 5.0), _square("blue", 40.5, 40.0, "left", "small")), ""
+        ),
+        shapes.ClipSpec((_square("white", 30.0, 30.0, "still"),), ""),
+    ]
+    boxes = torch.from_numpy(shapes.object_boxes(specs))
+    assert boxes[1, 1].isnan().all()
+    coverage = train_module.token_coverage(boxes, (4, 4, 4), 64)  # (B, K, 64)
+    clips = torch.from_numpy(shapes.render(specs)).float()  # (B, T, H, W, 3)
+    for b, spec in enumerate(specs):
+        colours = torch.tensor([shapes.COLORS[o.color] for o in spec.objects]).float()  # (K, 3)
+        # Each lit pixel belongs to the object whose colour points its way; its coverage is
+        # its brightness over the colour's (anti-aliased edges count by their share).
+        nearest = (clips[b] @ colours.T / colours.norm(dim=1)).argmax(-1)  # (T, H, W)
+        for k in range(len(spec.objects)):
+            channel = int(colours[k].argmax())
+            pixels = clips[b][..., channel] / colours[k, channel] * (nearest == k)
+            tokens = pixels.view(4, 4, 4, 16, 4, 16).mean((1, 3, 5)).flatten()
+            torch.testing.assert_close(coverage[b, k], tokens, atol=0.03, rtol=0)
+    assert coverage[1, 1].abs().sum() == 0
+
+
+def test_the_slot_attention_loss_is_lowest_when_tokens_look_at_their_own_object():
+    coverage = torch.tensor([[[1.0, 0.5, 0.0], [0.0, 0.5, 0.0]]])  # (B=1, K=2, N=3)
+    slots = torch.tensor([[0, 0, 1, 1]])
+    mask = torch.tensor([[True, True, True, False]])
+
+    def loss(own: float, use: bool = True) -> float:
+        # Each object-covered token puts `own` of its attention on its object's words.
+        a = torch.tensor(
+            [[[own / 2, own / 2, 1 - own, 0.0], [0.25, 0.25, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]]]
+        )
+        return float(
+            train_module.slot_attention_loss([a, a], slots, mask, coverage, torch.tensor([use]))
+        )
+
+    # Token 0 is all object 0's: -log 0.99; token 1 is split evenly and looks evenly: log 2;
+    # token 2 is background and free.
+    assert loss(0.99) == pytest.approx((-math.log(0.99) + math.log(2)) / 2, rel=1e-5)
+    assert loss(0.99) < loss(0.5) < loss(0.01)
+    assert loss(0.01, use=False) == 0.0
+
+
+def test_the_attention_loss_teaches_tokens_to_attend_to_their_objects_words():
+    pipe = build_tiny_pipeline()
+    te = build_text_encoder(
+        replace(pipe.text_encoder.config, split_objects=True), pipe.text_encoder.tokenizer
+    )
+    gen = LatentGenerator(
+        replace(pipe.generator.config, text_slots=4, attention_loss=1.0, cond_dropout=0.0)
+    )
+    objective = train_module.GeneratorObjective(gen, te, pipe.autoencoder)
+    clips, captions = shapes.train_batch(0, 0, 8, two_object_share=1.0)
+    boxes = torch.from_numpy(shapes.train_boxes(0, 0, 8, two_object_share=1.0))
+    x = to_model_tensor(clips)
+    opt = torch.optim.Adam(objective.parameters(), lr=3e-3)
+    history = []
+    for step in range(40):
+        torch.manual_seed(step % 4)
+        loss, parts = objective(x, captions, boxes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(parts["attention"]))
+    assert set(parts) == {"flow", "attention"}
+    assert np.mean(history[-4:]) < 0.7 * np.mean(history[:4])

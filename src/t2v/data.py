@@ -489,6 +489,14 @@ class ShapesSource(_Source):
         specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
         return self._shapes.render(specs), [s.caption for s in specs]
 
+    def boxes(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """Where each object of batch(...)'s clips is: see shapes.object_boxes."""
+        start = _first_index(step, batch_size, rank, world_size)
+        if self._eval is None:
+            return self._shapes.train_boxes(self.seed, start, batch_size, self.two_object_share)
+        specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
+        return self._shapes.object_boxes(specs)
+
 
 class ShardSource(_Source):
     """Prepared shards, read at random by (step, rank): sample ``g`` is entry ``g % N`` of a

@@ -300,6 +300,29 @@ def train_batch(
     return render(specs), [s.caption for s in specs]
 
 
+MAX_OBJECTS = 2
+
+
+def object_boxes(specs: Sequence[ClipSpec]) -> np.ndarray:
+    """Each object's box in every frame, in caption order: float32 (B, MAX_OBJECTS, FRAMES, 4)
+    as (left, top, right, bottom) pixels; NaN where a clip has fewer objects."""
+    boxes = np.full((len(specs), MAX_OBJECTS, FRAMES, 4), np.nan, np.float32)
+    t = np.arange(FRAMES) / (FRAMES - 1)
+    for b, spec in enumerate(specs):
+        for k, o in enumerate(spec.objects):
+            dx, dy = DIRECTIONS[o.direction]
+            x, y, side = o.x0 + dx * t, o.y0 + dy * t, SIZES[o.size]
+            boxes[b, k] = np.stack([x, y, x + side, y + side], axis=1)
+    return boxes
+
+
+def train_boxes(
+    seed: int, start: int, count: int, two_object_share: float = TWO_OBJECT_SHARE
+) -> np.ndarray:
+    """The object boxes of train_batch's clips (see object_boxes)."""
+    return object_boxes([train_spec(seed, start + i, two_object_share) for i in range(count)])
+
+
 def caption_corpus(seed: int = 0, count: int = 20000) -> list[str]:
     """Captions of the training stream (for fitting the tokenizer)."""
     return [train_spec(seed, i).caption for i in range(count)]

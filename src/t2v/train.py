@@ -31,7 +31,7 @@ from t2v.data import open_source, to_model_tensor, to_uint8_clips
 from t2v.flow import flow_loss, sample_t
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder, psnr
 from t2v.models.generator import GeneratorConfig, LatentGenerator
-from t2v.models.text_encoders import TextEncoderConfig, build_text_encoder
+from t2v.models.text_encoders import MAX_SLOTS, TextEncoderConfig, build_text_encoder
 from t2v.pipeline import (
     PipelineConfig,
     TextToVideoPipeline,
@@ -114,6 +114,19 @@ class TrainConfig:
                 )
             if isinstance(stage, dict):
                 self.stages[name] = cfg.from_dict(StageConfig, stage, prefix=f"stages.{name}.")
+        if self.generator.attention_loss < 0:
+            raise ValueError("generator.attention_loss must be 0 or more.")
+        if self.generator.attention_loss > 0:
+            if not self.text_encoder.split_objects or self.generator.text_attention != "cross":
+                raise ValueError(
+                    "generator.attention_loss needs text_encoder.split_objects: true and "
+                    "generator.text_attention: cross."
+                )
+            if not (self.data.source == "shapes" or self.data.source.startswith("shapes:")):
+                raise ValueError(
+                    "generator.attention_loss needs to know where each object is, which only "
+                    "the Moving Shapes source does; set it to 0 for other data."
+                )
 
     def stage(self, name: str) -> StageConfig:
         return self.stages.get(name) or StageConfig()
@@ -172,14 +185,77 @@ class GeneratorObjective(nn.Module):
         self.generator, self.text_encoder = generator, text_encoder
         self._frozen = [autoencoder.requires_grad_(False).eval()]  # not a submodule: not trained
 
-    def forward(self, clips: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, clips: torch.Tensor, captions: list[str], boxes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """boxes: where each object is (see shapes.object_boxes), for the attention loss."""
+        g = self.generator.config
         with torch.no_grad():
             z = self._frozen[0].encode(clips).float()  # (B, C, T', H', W')
-        keep = torch.rand(len(captions)) >= self.generator.config.cond_dropout
+        keep = torch.rand(len(captions)) >= g.cond_dropout
         text = self.text_encoder([c if k else "" for c, k in zip(captions, keep, strict=True)])
         t = sample_t(len(z), device=z.device)
-        loss = flow_loss(lambda x, tt: self.generator(x, tt, text), z, t, torch.randn_like(z))
-        return loss, {}
+        maps = [] if boxes is not None and g.attention_loss > 0 else None
+        loss = flow_loss(lambda x, tt: self.generator(x, tt, text, maps), z, t, torch.randn_like(z))
+        if not maps:
+            return loss, {}
+        coverage = token_coverage(boxes.to(z.device), g.grid, clips.shape[-1])
+        objects = boxes[:, :, 0, 0].isfinite().sum(1).to(z.device)  # (B,)
+        slots = text.slots.masked_fill(~text.mask, 0).amax(1) + 1
+        # Only clips whose caption was kept and split into one clause per object, and that
+        # have several objects (with one, all the attention is on its slot anyway).
+        use = keep.to(z.device) & (objects > 1) & (slots == objects)
+        attention = slot_attention_loss(maps, text.slots, text.mask, coverage, use)
+        return loss + g.attention_loss * attention, {
+            "flow": loss.detach(),
+            "attention": attention.detach(),
+        }
+
+
+def token_coverage(boxes: torch.Tensor, grid: tuple[int, int, int], size: int) -> torch.Tensor:
+    """How much of each latent token each object covers, averaged over the token's frames:
+    boxes (B, K, T, 4) in pixels of a size x size clip -> (B, K, N), N = latent tokens in
+    (t, h, w) order; absent objects (NaN boxes) cover nothing."""
+    gt, gh, gw = grid
+    b, k, frames, _ = boxes.shape
+    x0, y0, x1, y1 = boxes.float().unbind(-1)  # each (B, K, T)
+
+    def overlap(lo, hi, cells):  # (B, K, T, cells): share of each cell's span inside [lo, hi]
+        width = size / cells
+        edge = torch.arange(cells, device=boxes.device) * width
+        inside = torch.minimum(hi[..., None], edge + width) - torch.maximum(lo[..., None], edge)
+        return (inside.clamp(min=0) / width).nan_to_num(0.0)
+
+    cover = overlap(y0, y1, gh)[..., :, None] * overlap(x0, x1, gw)[..., None, :]
+    cover = cover.view(b, k, gt, frames // gt, gh, gw).mean(3)  # (B, K, gt, gh, gw)
+    return cover.flatten(2)
+
+
+def slot_attention_loss(
+    maps: list[torch.Tensor],
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    coverage: torch.Tensor,
+    use: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy between where the objects are and where the latent tokens look: for each
+    token an object covers, the attention it pays to each object's text slot should follow
+    the objects' shares of it (after Wang et al. 2024, "TokenCompose", which supervises
+    cross-attention with segmentation masks). Tokens no object covers are free. Weighted by
+    coverage, averaged over the blocks' maps (B, N, L); slots/mask (B, L); coverage
+    (B, K, N); use (B,) which clips count."""
+    k = coverage.shape[1]
+    onehot = nn.functional.one_hot(slots.clamp(max=k - 1), k).float() * mask[..., None]
+    total = coverage.sum(1)  # (B, N)
+    target = (coverage / total.clamp(min=1e-6)[:, None]).transpose(1, 2)  # (B, N, K)
+    weight = total.clamp(max=1.0) * use[:, None]
+    norm = weight.sum().clamp(min=1e-6)
+    losses = []
+    for a in maps:
+        on_slot = a.float() @ onehot  # (B, N, K): attention mass on each object's words
+        ce = -(target * on_slot.clamp(min=1e-6).log()).sum(-1)  # (B, N)
+        losses.append((ce * weight).sum() / norm)
+    return torch.stack(losses).mean()
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -359,6 +435,13 @@ class Trainer:
         )
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.ckpt = Checkpointer(self.out, self.s.keep_checkpoints)
+        self.parts: list[dict[str, float]] = []  # the objective's loss terms since the last log
+        self.wants_boxes = stage == "generator" and config.generator.attention_loss > 0
+        if self.wants_boxes:  # a model folder's config (--init-from) skips TrainConfig checks
+            try:
+                config.validate()
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         if resume:
             self._resume()
@@ -401,6 +484,7 @@ class Trainer:
                 tokenizer.save(tok_path)
         te = build_text_encoder(c.text_encoder, tokenizer)
         c.generator.text_dim = te.config.output_dim
+        c.generator.text_slots = MAX_SLOTS if c.text_encoder.split_objects else 0
         lat = ae.config.latent_shape
         c.generator.latent_channels, c.generator.latent_frames = lat[0], lat[1]
         c.generator.latent_size = lat[2]
@@ -473,10 +557,15 @@ class Trainer:
                 "matching --frames and --size."
             )
         x = to_model_tensor(clips).to(self.device, non_blocking=True)
+        extra = []
+        if self.wants_boxes:
+            boxes = self.source.boxes(self.step, s.batch_size, d.rank, d.world)
+            extra.append(torch.from_numpy(boxes).to(self.device))
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, s)
         with autocast(self.device, self.config.precision):
-            loss, _ = self.ddp(x, captions)
+            loss, parts = self.ddp(x, captions, *extra)
+        self.parts.append({k: float(v) for k, v in parts.items()})
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(_trainable(self.model), s.grad_clip)
@@ -531,6 +620,11 @@ class Trainer:
                 if self.step % s.log_every == 0 or self.step == s.steps:
                     rate = seen / (time.perf_counter() - t0)
                     mean = float(np.mean(losses)) if losses else float("nan")
+                    parts = {
+                        k: float(np.mean([p[k] for p in self.parts if k in p]))
+                        for k in dict.fromkeys(k for p in self.parts for k in p)
+                    }
+                    self.parts = []
                     bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.1f}")
                     if self.dist.main:
                         line = {
@@ -539,13 +633,15 @@ class Trainer:
                             "samples_per_s": rate,
                             "lr": lr_at(self.step - 1, s),
                             "time": time.time(),
+                            **parts,
                         }
                         with open(self.out / "log.jsonl", "a") as log:
                             log.write(json.dumps(line) + "\n")
                         if not self.progress:
+                            terms = "".join(f" {k} {v:.4f}" for k, v in parts.items())
                             print(
                                 f"{self.stage_name} step {self.step}/{s.steps} loss {mean:.4f}"
-                                f" {rate:.1f} samples/s",
+                                f"{terms} {rate:.1f} samples/s",
                                 flush=True,
                             )
                     if writer is not None:

@@ -37,6 +37,13 @@ class GeneratorConfig:
     # "cross": the latent tokens attend to the text in a cross-attention layer per block;
     # "joint": the text tokens join the latent tokens' sequence.
     text_attention: Literal["cross", "joint"] = "cross"
+    # Learned embeddings, one per object slot, added to the text tokens of that slot's clause
+    # (text_encoder.split_objects sets it); 0 = none.
+    text_slots: int = 0
+    # Training only: weight of a loss that sends each latent token's cross-attention to the
+    # text slot of the object that covers it (needs split_objects and a data source that
+    # knows where its objects are, as Moving Shapes does); 0 = off.
+    attention_loss: float = 0.0
 
     def validate(self) -> None:
         if self.latent_frames % self.patch_t or self.latent_size % self.patch_s:
@@ -75,13 +82,14 @@ class Block(nn.Module):
         # This block's learned offset to the shared modulation (adaLN-single).
         self.mod_bias = nn.Parameter(torch.zeros(6, d))
 
-    def forward(self, x, mod, text: TextEncoding, mask: torch.Tensor | None = None):
+    def forward(self, x, mod, text: TextEncoding, mask: torch.Tensor | None = None, maps=None):
         """x: (B, N, D), with the text tokens at the end when joint; mod: (B, 6, D) shared
-        time modulation; text tokens (B, L, Dt); mask: (B, N) keys to attend, when joint."""
+        time modulation; text tokens (B, L, Dt); mask: (B, N) keys to attend, when joint;
+        maps: a list that gets the cross-attention weights (B, N, L), if given."""
         sh1, sc1, g1, sh2, sc2, g2 = (mod + self.mod_bias).unbind(1)  # each (B, D)
         x = x + g1[:, None] * self.attn(_modulate(self.ln1(x), sh1, sc1), mask=mask)
         if not self.joint:
-            x = x + self.cross(self.ln_x(x), text.tokens, text.mask)
+            x = x + self.cross(self.ln_x(x), text.tokens, text.mask, weights=maps)
         return x + g2[:, None] * self.mlp(_modulate(self.ln2(x), sh2, sc2))
 
 
@@ -100,6 +108,8 @@ class LatentGenerator(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.text_pool = nn.Linear(c.text_dim, d)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if c.text_slots:
+            self.slot_embed = nn.Parameter(torch.randn(c.text_slots, c.text_dim) * 0.1)
         if c.text_attention == "joint":
             self.text_in = nn.Sequential(nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, d))
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
@@ -111,8 +121,18 @@ class LatentGenerator(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
-        """x: (B, C, T, H, W) latents at flow time t (B,) -> velocity of the same shape."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: TextEncoding,
+        attention_maps: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, C, T, H, W) latents at flow time t (B,) -> velocity of the same shape.
+        attention_maps: a list that gets each block's cross-attention weights from the latent
+        tokens (in (t, h, w) order) to the text tokens, averaged over heads: (B, N, L)."""
+        if attention_maps is not None and self.config.text_attention != "cross":
+            raise ValueError("attention maps exist only with cross-attention")
         c = self.config
         gt, gh, gw = c.grid
         tokens = rearrange(
@@ -125,6 +145,10 @@ class LatentGenerator(nn.Module):
         h = self.patch_in(tokens) + self.pos_t + self.pos_h + self.pos_w  # (B, T, H, W, D)
         h = h.flatten(1, 3)  # (B, N, D)
         n, mask = h.shape[1], None
+        if c.text_slots:  # mark each text token with its object's slot
+            slots = text.mask.long() * 0 if text.slots is None else text.slots
+            slot = self.slot_embed[slots.clamp(max=c.text_slots - 1)]
+            text = text._replace(tokens=text.tokens + slot.to(text.tokens.dtype))
         if c.text_attention == "joint":  # append the text tokens; padding is never a key
             h = torch.cat([h, self.text_in(text.tokens.to(h.dtype))], dim=1)
             mask = torch.cat([text.mask.new_ones(h.shape[0], n), text.mask], dim=1)
@@ -132,7 +156,7 @@ class LatentGenerator(nn.Module):
         cond = cond + self.text_pool(text.pooled.to(h.dtype))  # (B, D)
         mod = self.modulation(cond).unflatten(1, (6, c.width))  # (B, 6, D)
         for block in self.blocks:
-            h = block(h, mod, text, mask)
+            h = block(h, mod, text, mask, attention_maps)
         h = h[:, :n]  # the latent tokens
         shift, scale = self.out_mod(cond).chunk(2, dim=1)
         out = self.patch_out(_modulate(self.ln_out(h), shift, scale))  # (B, N, patch_dim)

@@ -23,20 +23,29 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        weights: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: (B, N, D); context: (B, L, Dc); mask: (B, L) bool, True = attend."""
+        """x: (B, N, D); context: (B, L, Dc); mask: (B, L) bool, True = attend. When a list
+        ``weights`` is given, the attention weights, averaged over heads, are appended to it
+        as (B, N, L)."""
         context = x if context is None else context
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
-        if q.device.type == "cpu" and torch.is_grad_enabled():
+        if weights is not None or (q.device.type == "cpu" and torch.is_grad_enabled()):
             # Sequences here are short (64 latent tokens, ~20 words); in training on a CPU
             # the plain product form beats the fused kernel, whose backward pass is slow.
             scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, L)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
-            y = scores.softmax(dim=-1).to(v.dtype) @ v
+            probs = scores.softmax(dim=-1)
+            if weights is not None:
+                weights.append(probs.float().mean(1))
+            y = probs.to(v.dtype) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(rearrange(y, "b h n d -> b n (h d)"))
