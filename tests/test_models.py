@@ -264,6 +264,25 @@ def test_slot_embeddings_tell_apart_the_objects_of_a_split_prompt(pipe):
         )
 
 
+def test_without_pooled_text_only_the_attention_reads_the_prompt(pipe):
+    """pooled_text=False: the adaLN modulation sees the time alone, so the pooled vector
+    (a blend of the clauses of a split prompt) changes nothing; the tokens still do."""
+    gen = LatentGenerator(replace(pipe.generator.config, pooled_text=False))
+    assert not hasattr(gen, "text_pool")
+    missing, unexpected = gen.load_state_dict(pipe.generator.state_dict(), strict=False)
+    assert not missing and unexpected == ["text_pool.weight", "text_pool.bias"]
+    gen.eval()
+    x, t = torch.randn(1, 4, 4, 8, 8), torch.tensor([0.5])
+    text = pipe.text_encoder(["a red circle"])
+    with torch.no_grad():
+        base = gen(x, t, text)
+        torch.testing.assert_close(gen(x, t, text._replace(pooled=text.pooled + 3.0)), base)
+        assert not torch.allclose(gen(x, t, text._replace(tokens=text.tokens + 3.0)), base)
+        assert not torch.allclose(
+            pipe.generator(x, t, text._replace(pooled=text.pooled + 3.0)), pipe.generator(x, t, text)
+        )
+
+
 def test_a_joint_attention_generator_has_no_cross_attention_and_starts_at_zero(pipe):
     cfg = replace(pipe.generator.config, text_attention="joint")
     gen = LatentGenerator(cfg)

@@ -44,6 +44,10 @@ class GeneratorConfig:
     # text slot of the object that covers it (needs split_objects and a data source that
     # knows where its objects are, as Moving Shapes does); 0 = off.
     attention_loss: float = 0.0
+    # Add the pooled text vector to the time embedding that modulates every block (adaLN).
+    # With several objects that one vector is a blend of their clauses, so False leaves
+    # the text to the attention alone (as PixArt-alpha's adaLN-single does).
+    pooled_text: bool = True
 
     def validate(self) -> None:
         if self.latent_frames % self.patch_t or self.latent_size % self.patch_s:
@@ -106,7 +110,8 @@ class LatentGenerator(nn.Module):
         self.pos_h = nn.Parameter(torch.randn(1, gh, 1, d) * 0.02)
         self.pos_w = nn.Parameter(torch.randn(1, 1, gw, d) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.text_pool = nn.Linear(c.text_dim, d)
+        if c.pooled_text:
+            self.text_pool = nn.Linear(c.text_dim, d)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if c.text_slots:
             self.slot_embed = nn.Parameter(torch.randn(c.text_slots, c.text_dim) * 0.1)
@@ -153,7 +158,8 @@ class LatentGenerator(nn.Module):
             h = torch.cat([h, self.text_in(text.tokens.to(h.dtype))], dim=1)
             mask = torch.cat([text.mask.new_ones(h.shape[0], n), text.mask], dim=1)
         cond = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
-        cond = cond + self.text_pool(text.pooled.to(h.dtype))  # (B, D)
+        if c.pooled_text:
+            cond = cond + self.text_pool(text.pooled.to(h.dtype))  # (B, D)
         mod = self.modulation(cond).unflatten(1, (6, c.width))  # (B, 6, D)
         for block in self.blocks:
             h = block(h, mod, text, mask, attention_maps)
