@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from t2v import shapes
 from t2v.data import (
     EVAL_CLIPS,
     DataError,
@@ -245,6 +246,21 @@ def test_open_source_for_both_kinds(prepared):
         open_source("shapes:test")
     with pytest.raises(DataError, match="neither 'shapes'"):
         open_source(str(root / "nowhere"))
+
+
+def test_shapes_source_draws_each_step_once_whatever_the_call_order():
+    source = ShapesSource("train", seed=2, two_object_share=0.5)
+    # boxes before batch, the same step twice, then another rank and step: each answer must
+    # be the stream's own clips for its (step, rank), not the last step's reused.
+    for step, rank in [(3, 0), (3, 0), (3, 1), (0, 1), (5, 0)]:
+        start = (step * 2 + rank) * 4
+        boxes = source.boxes(step, 4, rank, 2)
+        clips, captions = source.batch(step, 4, rank, 2)
+        want_clips, want_captions = shapes.train_batch(2, start, 4, 0.5)
+        assert np.array_equal(clips, want_clips) and captions == want_captions
+        np.testing.assert_array_equal(boxes, shapes.train_boxes(2, start, 4, 0.5))
+    assert source.device == "cpu"
+    assert open_source("shapes", device="meta").device == "meta"
 
 
 def test_to_model_tensor_layout_and_range():

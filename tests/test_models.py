@@ -279,7 +279,8 @@ def test_without_pooled_text_only_the_attention_reads_the_prompt(pipe):
         torch.testing.assert_close(gen(x, t, text._replace(pooled=text.pooled + 3.0)), base)
         assert not torch.allclose(gen(x, t, text._replace(tokens=text.tokens + 3.0)), base)
         assert not torch.allclose(
-            pipe.generator(x, t, text._replace(pooled=text.pooled + 3.0)), pipe.generator(x, t, text)
+            pipe.generator(x, t, text._replace(pooled=text.pooled + 3.0)),
+            pipe.generator(x, t, text),
         )
 
 

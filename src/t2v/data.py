@@ -470,7 +470,9 @@ class _Source:
 class ShapesSource(_Source):
     """The Moving Shapes stream: endless seeded training clips, or the fixed eval list cycled."""
 
-    def __init__(self, split: str = "train", seed: int = 0, two_object_share: float = 0.4):
+    def __init__(
+        self, split: str = "train", seed: int = 0, two_object_share: float = 0.4, device="cpu"
+    ):
         if split not in ("train", "eval"):
             raise ValueError(f"Unknown Moving Shapes split {split!r}; use 'train' or 'eval'.")
         if not 0.0 <= two_object_share <= 1.0:
@@ -481,21 +483,33 @@ class ShapesSource(_Source):
         self._shapes, self.split, self.seed = shapes, split, seed
         self.two_object_share = two_object_share
         self._eval = shapes.eval_specs(EVAL_CLIPS, seed) if split == "eval" else None
+        # Clips are drawn where the model trains: on a GPU, rendering is a few kernels
+        # instead of tens of milliseconds of CPU time per batch.
+        self.device = device
+        self._drawn: tuple[tuple, list] = ((), [])  # the last (step, ...) and its specs
+
+    def _specs(self, step: int, batch_size: int, rank: int, world_size: int) -> list:
+        """The clip specs of (step, rank), drawn once for batch() and boxes() alike."""
+        key = (step, batch_size, rank, world_size)
+        if self._drawn[0] != key:
+            start = _first_index(step, batch_size, rank, world_size)
+            if self._eval is None:
+                specs = [
+                    self._shapes.train_spec(self.seed, start + i, self.two_object_share)
+                    for i in range(batch_size)
+                ]
+            else:
+                specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
+            self._drawn = (key, specs)
+        return self._drawn[1]
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        start = _first_index(step, batch_size, rank, world_size)
-        if self._eval is None:
-            return self._shapes.train_batch(self.seed, start, batch_size, self.two_object_share)
-        specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
-        return self._shapes.render(specs), [s.caption for s in specs]
+        specs = self._specs(step, batch_size, rank, world_size)
+        return self._shapes.render(specs, self.device), [s.caption for s in specs]
 
     def boxes(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
         """Where each object of batch(...)'s clips is: see shapes.object_boxes."""
-        start = _first_index(step, batch_size, rank, world_size)
-        if self._eval is None:
-            return self._shapes.train_boxes(self.seed, start, batch_size, self.two_object_share)
-        specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
-        return self._shapes.object_boxes(specs)
+        return self._shapes.object_boxes(self._specs(step, batch_size, rank, world_size))
 
 
 class ShardSource(_Source):
@@ -540,13 +554,16 @@ class ShardSource(_Source):
         return np.stack([clip for clip, _ in samples]), [caption for _, caption in samples]
 
 
-def open_source(spec: str, seed: int = 0, two_object_share: float = 0.4) -> ClipSource:
+def open_source(
+    spec: str, seed: int = 0, two_object_share: float = 0.4, device="cpu"
+) -> ClipSource:
     """Moving Shapes for "shapes", "shapes:train" or "shapes:eval", else the shards in the
     folder ``spec`` (write ./shapes for a folder of that name). ``two_object_share`` is the
-    share of two-object clips in the Moving Shapes training stream."""
+    share of two-object clips in the Moving Shapes training stream, and ``device`` (a torch
+    device) where its clips are rendered."""
     spec = str(spec)
     if spec == "shapes" or spec.startswith("shapes:"):
-        return ShapesSource(spec.partition(":")[2] or "train", seed, two_object_share)
+        return ShapesSource(spec.partition(":")[2] or "train", seed, two_object_share, device)
     if not Path(spec).is_dir():
         raise DataError(
             f"{spec!r} is neither 'shapes', 'shapes:train', 'shapes:eval' nor a folder of "

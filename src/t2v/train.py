@@ -402,7 +402,10 @@ class Trainer:
         self.progress = progress and self.dist.main
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.source = open_source(
-            config.data.source, seed=config.data.seed, two_object_share=config.data.two_object_share
+            config.data.source,
+            seed=config.data.seed,
+            two_object_share=config.data.two_object_share,
+            device=self.device,
         )
         if stage == "autoencoder":
             ae = (
