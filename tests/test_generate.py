@@ -257,3 +257,120 @@ def test_every_help_documents_every_option_without_empty_defaults():
             assert empty not in text, f"{name} --help shows {empty}"
     generate = dict(parsers)["t2v generate"].format_help()
     assert "(default: 0)" in generate  # --seed: a real default of 0 is still shown
+
+
+# --- the model protocol (t2v.model) as the bundled kind of model implements it --------------
+
+
+def test_load_model_gives_a_video_model_whose_knobs_come_from_its_configs(tiny_model_dir):
+    from t2v.backends import load_model, read_knobs
+    from t2v.model import VideoModel
+
+    model = load_model(tiny_model_dir, device="cpu")
+    assert isinstance(model, VideoModel) and model.info.kind == "t2v"
+    k = model.knobs
+    assert (k.steps.default, k.guidance.default, k.fps.default) == (4, 2.0, 8.0)  # pipeline.json
+    assert (k.frames.lo, k.frames.hi, k.width.default, k.height.hi) == (16, 16, 64, 64)
+    assert read_knobs(tiny_model_dir) == k
+
+
+def test_read_knobs_loads_neither_torch_nor_weights(tiny_model_dir):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from t2v.backends import read_knobs; k = read_knobs(sys.argv[1]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print(k.steps.default)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4"
+
+
+def test_the_default_guidance_has_one_source():
+    from t2v.backends import read_knobs
+    from t2v.pipeline import PipelineConfig
+
+    assert PipelineConfig().guidance == read_knobs(None).guidance.default == 6.0
+
+
+def test_generate_takes_requests_reports_each_step_and_matches_the_older_call(tiny_model_dir):
+    from t2v.backends import load_model
+    from t2v.model import GenerationRequest
+
+    model = load_model(tiny_model_dir, device="cpu")
+    events: list[tuple[int, int]] = []
+    requests = [
+        GenerationRequest(PROMPT, seed=3, steps=2, fps=12),
+        GenerationRequest("a small blue square moving up", seed=4, steps=3),
+    ]
+    videos = model.generate(requests, progress=lambda d, t: events.append((d, t)))
+    assert events == [(i, 5) for i in range(1, 6)]  # counted over both requests
+    assert [v.fps for v in videos] == [12, 8.0]
+    assert [v.frames.shape for v in videos] == [(16, 64, 64, 3)] * 2
+    np.testing.assert_array_equal(videos[0].frames, model(PROMPT, seed=3, steps=2).frames)
+
+
+def test_cancel_stops_generation_within_one_step(tiny_model_dir):
+    from t2v.backends import load_model
+    from t2v.model import Cancelled, GenerationRequest
+
+    model = load_model(tiny_model_dir, device="cpu")
+    steps: list[int] = []
+    with pytest.raises(Cancelled):
+        model.generate(
+            [GenerationRequest(PROMPT, steps=4)],
+            progress=lambda d, t: steps.append(d),
+            cancelled=lambda: len(steps) >= 2,
+        )
+    assert steps == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("request_options", "message"),
+    [
+        ({"frames": 17}, "frames 17 is not possible for this model, which takes only 16."),
+        ({"width": 32}, "width 32 is not possible for this model, which takes only 64."),
+        ({"steps": 101}, "steps must be a whole number from 1 to 100, not 101."),
+        ({"prompt": "zzqx blorp"}, "The model knows none of the words in 'zzqx blorp'"),
+        ({"negative_prompt": "a " * 300}, "The negative prompt is 599 characters long"),
+    ],
+)
+def test_resolve_refuses_what_the_model_cannot_take_in_one_sentence(pipe, request_options, message):
+    from t2v.errors import UserError
+    from t2v.model import GenerationRequest
+
+    with pytest.raises(UserError) as e:
+        pipe.resolve(GenerationRequest(**({"prompt": PROMPT} | request_options)))
+    assert message in str(e.value) and str(e.value).count(".") >= 1
+
+
+def test_an_invisible_negative_prompt_means_none(pipe):
+    from t2v.model import GenerationRequest
+
+    assert (
+        pipe.resolve(GenerationRequest(PROMPT, negative_prompt=" \u200b\t")).negative_prompt == ""
+    )
+
+
+def test_a_model_of_a_newer_format_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    from t2v.backends import load_model
+    from t2v.model import ModelError
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = json.loads((model / "pipeline.json").read_text())
+    (model / "pipeline.json").write_text(json.dumps(config | {"format_version": 2}))
+    with pytest.raises(ModelError, match="upgrade t2v"):
+        load_model(model, device="cpu")
+
+
+def test_offload_is_refused_for_a_t2v_model(tiny_model_dir):
+    from t2v.backends import load_model
+    from t2v.model import ModelError
+
+    with pytest.raises(ModelError, match="needs --device cuda"):
+        load_model(tiny_model_dir, device="cpu", offload="model")

@@ -3,12 +3,25 @@
 The bundled t2v pipeline and the diffusers backend both implement `VideoModel`; no caller
 branches on which one it holds. A model states its knobs (defaults and limits) once, in
 `Knobs`; the CLI help, the REST schema and the page read them from there.
+
+How a caller uses a model::
+
+    from t2v.backends import load_model, read_knobs
+    knobs = read_knobs(path)              # JSON only: cheap enough for --help
+    model = load_model(path, device="auto", precision="fp32", offload="none")
+    req = model.resolve(GenerationRequest("a red circle", frames=16))  # UserError if bad
+    [video] = model.generate([req], progress=on_step, cancelled=job.is_cancelled)
+    video.save("out.mp4")                 # a t2v.video.Video: uint8 frames and fps
+
+Errors: `UserError` (and its kinds below) carries one sentence for a person; the CLI exits 2
+and the server answers 4xx at submission, or fails the job with the sentence once it runs.
+`resolve` is cheap and raises only `UserError`, so a server calls it before queueing a job.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from t2v.errors import UserError
@@ -19,6 +32,20 @@ IsCancelled = Callable[[], bool]
 
 class Cancelled(Exception):
     """Raised by `VideoModel.generate` when `cancelled()` turned true between two steps."""
+
+
+class ModelError(UserError):
+    """A model folder that cannot be loaded or is refused; the message says which file, why."""
+
+
+class GenerationFailed(UserError):
+    """A resolved request that the model could not carry out, such as one that ran out of
+    memory; the message gives the reason. The server fails that job and serves the next."""
+
+
+# t2v's limits on any model's steps, guidance and fps: beyond them a request is a mistake.
+MAX_STEPS, MAX_GUIDANCE = 100, 20.0
+MIN_FPS, MAX_FPS = 1.0, 60.0
 
 
 @dataclass(frozen=True)
@@ -46,13 +73,20 @@ class IntRange:
     def _last(self) -> int:
         return self.offset + ((self.hi - self.offset) // self.multiple) * self.multiple
 
+    @property
+    def fixed(self) -> bool:
+        """Whether the model takes exactly one value (the bundled model's 16 frames)."""
+        return self._first() == self._last()
+
     def check(self, name: str, v) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise UserError(f"{name} must be a whole number, not {v!r}.")
         if self.allows(v):
             return v
+        if self.multiple == 1 and not self.fixed:
+            raise UserError(f"{name} must be a whole number from {self.lo} to {self.hi}, not {v}.")
         near = " or ".join(map(str, self.nearest(v)))
-        if self._first() == self._last():
+        if self.fixed:
             raise UserError(f"{name} {v} is not possible for this model, which takes only {near}.")
         rule = (
             f" of the form {self.multiple}k+{self.offset}"
@@ -95,6 +129,53 @@ class Knobs:
     max_prompt_chars: int = 500
     negative_prompt: bool = True  # whether the model uses a negative prompt at all
 
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its prompts normalised (`t2v.text.normalize`) and each ``None``
+        replaced by the default; a value out of limits raises `UserError`. Both backends'
+        `resolve` start here, so the rules below are written once."""
+        from t2v.text import PromptError, normalize
+
+        try:
+            prompt = normalize(request.prompt, self.max_prompt_chars)
+        except PromptError as e:
+            raise UserError(str(e)) from None
+        return replace(
+            request,
+            prompt=prompt,
+            negative_prompt=self.negative(request.negative_prompt),
+            seed=SEED.check("seed", request.seed),
+            steps=self.steps.check("steps", _or(request.steps, self.steps.default)),
+            guidance=self.guidance.check("guidance", _or(request.guidance, self.guidance.default)),
+            frames=self.frames.check("frames", _or(request.frames, self.frames.default)),
+            width=self.width.check("width", _or(request.width, self.width.default)),
+            height=self.height.check("height", _or(request.height, self.height.default)),
+            fps=self.fps.check("fps", _or(request.fps, self.fps.default)),
+        )
+
+    def negative(self, text: str | None) -> str:
+        """The negative prompt normalised; empty, blank or invisible-only text means none
+        (""), on every path, so the CLI and the server agree."""
+        from t2v.text import PromptError, normalize
+
+        if text is None:
+            return ""
+        if not isinstance(text, str):
+            raise UserError(f"The negative prompt must be text, not {type(text).__name__}.")
+        try:
+            text = normalize(text, None)
+        except PromptError:  # nothing visible left: no negative prompt
+            return ""
+        if len(text) > self.max_prompt_chars:
+            raise UserError(
+                f"The negative prompt is {len(text)} characters long; the limit is "
+                f"{self.max_prompt_chars}, so shorten it."
+            )
+        return text
+
+
+def _or(value, default):
+    return default if value is None else value
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -119,7 +200,7 @@ class ModelInfo:
     kind: str  # "t2v" or the diffusers pipeline class, e.g. "WanPipeline"
     description: str = ""
     tested: bool = True  # False: a diffusers class that may run but is not tested
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. {"device": "cuda", "precision": "bf16"}
 
 
 @runtime_checkable
@@ -138,6 +219,8 @@ class VideoModel(Protocol):
         progress: Progress | None = None,
         cancelled: IsCancelled | None = None,
     ) -> list:
-        """One `t2v.video.Video` per request; raises `Cancelled` within one step of
-        ``cancelled()`` turning true."""
+        """One `t2v.video.Video` per request, in order; the requests are resolved again
+        here, so a caller may pass raw ones. ``progress(done, total)`` is called after each
+        denoising step, counted over all requests; ``Cancelled`` is raised within one step
+        of ``cancelled()`` turning true; `GenerationFailed` if the device ran out of memory."""
         ...

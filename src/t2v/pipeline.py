@@ -2,17 +2,15 @@
 
 A model folder holds one subfolder per component (config.json + model.safetensors), the
 tokenizer as tokenizer.json, pipeline.json with the sampling defaults, and a model card
-README.md. Nothing in it is ever unpickled.
+README.md. Nothing in it is ever unpickled. The pipeline implements `t2v.model.VideoModel`:
+its knobs come from pipeline.json (steps, guidance, fps) and the autoencoder's config
+(frames, size), read by `knobs_of` without loading any weights.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -21,6 +19,17 @@ from safetensors.torch import load_file
 from t2v import config as cfg
 from t2v.data import to_model_tensor, to_uint8_clips
 from t2v.flow import time_grid
+from t2v.model import (
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    GenerationRequest,
+    IsCancelled,
+    Knobs,
+    ModelError,
+    ModelInfo,
+    Progress,
+    UserError,
+)
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from t2v.models.generator import GeneratorConfig, LatentGenerator
 from t2v.models.text_encoders import (
@@ -29,56 +38,27 @@ from t2v.models.text_encoders import (
     TextEncoding,
     build_text_encoder,
 )
+from t2v.pipeline_config import DEFAULT_MODEL_DIR, PipelineConfig, knobs_of
+from t2v.runtime import (
+    StepCounter,
+    autocast,
+    check_offload,
+    dtype,
+    out_of_memory_fails,
+    refuse_pickles,
+    resolve_device,
+)
 from t2v.sampling import SAMPLERS
 from t2v.text import PromptError, Tokenizer, normalize
 from t2v.video import Video
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
-MAX_STEPS, MAX_GUIDANCE = 100, 20.0
+__all__ = ["DEFAULT_MODEL_DIR", "MAX_GUIDANCE", "MAX_STEPS", "ModelError", "PipelineConfig"]
+__all__ += ["TextToVideoPipeline", "knobs_of"]
 
-
-class ModelError(RuntimeError):
-    """A model folder that cannot be loaded; the message says which file and why."""
-
-
-@dataclass
-class PipelineConfig:
-    steps: int = 20
-    guidance: float = 4.0
-    sampler: Literal["euler", "heun"] = "euler"
-    shift: float = 1.0  # time-grid shift, see t2v.flow.time_grid
-    fps: float = 8.0
-    max_prompt_chars: int = 500
-    format_version: int = 1
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for, but this machine has no usable CUDA GPU.")
-    if device not in ("cpu", "cuda"):
-        raise ModelError(f"Unknown device {device!r}; use auto, cpu or cuda.")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or CUDA, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"Unknown precision {precision!r}; use fp32 or bf16.")
-    return contextlib.nullcontext()
-
-
-def refuse_pickles(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.suffix.lower() in PICKLE_SUFFIXES:
-            raise ModelError(
-                f"Refusing to load {path}: it contains {f.name}, a pickle-format "
-                "file; t2v only loads safetensors weights and JSON configs."
-            )
+DESCRIPTION = (
+    "A small t2v model trained on Moving Shapes: coloured shapes moving on black, "
+    "16 frames of 64x64."
+)
 
 
 def save_component(module: torch.nn.Module, config, folder: Path) -> None:
@@ -102,6 +82,9 @@ def _load_weights(module: torch.nn.Module, folder: Path) -> None:
 
 
 class TextToVideoPipeline:
+    """The bundled kind of model, a `t2v.model.VideoModel`. ``info`` names it; ``knobs``
+    derive from its configs each time, so they follow a caller that swaps ``config``."""
+
     def __init__(
         self,
         text_encoder: TextEncoder,
@@ -110,13 +93,21 @@ class TextToVideoPipeline:
         config: PipelineConfig | None = None,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        info: ModelInfo | None = None,
     ):
         self.text_encoder, self.autoencoder, self.generator = text_encoder, autoencoder, generator
         self.config = config or PipelineConfig()
         self.device = resolve_device(device) if isinstance(device, str) else device
+        dtype(precision)  # an unknown name fails here, not at the first generation
         self.precision = precision
+        self.info = info or ModelInfo(id="t2v", kind="t2v", description=DESCRIPTION)
         for m in self.modules():
             m.to(self.device).eval()
+
+    @property
+    def knobs(self) -> Knobs:
+        ae = self.autoencoder.config
+        return knobs_of(self.config, {"frames": ae.frames, "size": ae.size})
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.autoencoder, self.generator]
@@ -124,9 +115,21 @@ class TextToVideoPipeline:
     # --- persistence -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, device: str = "auto", precision: str = "fp32"
+        cls,
+        path: str | Path | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        offload: str = "none",
     ) -> TextToVideoPipeline:
+        """Load a t2v model folder (None: the bundled model). ``offload`` exists for the
+        diffusers backend's sake; a t2v model is small, so only "none" is taken."""
         path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if offload != "none":
+            check_offload(offload, resolve_device(device))
+            raise ModelError(
+                f"--offload {offload} is for large diffusers models; a t2v model fits in "
+                "memory, so leave it at none."
+            )
         if not (path / "pipeline.json").is_file():
             raise ModelError(f"No t2v model at {path}: pipeline.json is missing.")
         refuse_pickles(path)
@@ -146,7 +149,13 @@ class TextToVideoPipeline:
             _load_weights(text_encoder, path / "text_encoder")
         _load_weights(autoencoder, path / "autoencoder")
         _load_weights(generator, path / "generator")
-        return cls(text_encoder, autoencoder, generator, pipe_cfg, device, precision)
+        info = ModelInfo(
+            id="t2v-moving-shapes" if path == DEFAULT_MODEL_DIR else path.name,
+            kind="t2v",
+            description=DESCRIPTION,
+            extra={"path": str(path)},
+        )
+        return cls(text_encoder, autoencoder, generator, pipe_cfg, device, precision, info)
 
     def save_pretrained(self, path: str | Path, card: str | None = None) -> Path:
         path = Path(path)
@@ -180,14 +189,73 @@ class TextToVideoPipeline:
             f"Sampling defaults: {cfg.to_dict(self.config)}\n"
         )
 
-    # --- generation ------------------------------------------------------------------------
+    # --- generation: the VideoModel protocol ----------------------------------------------
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """See `t2v.model.VideoModel.resolve`; also refuses a prompt of unknown words."""
+        request = self.knobs.resolve(request)
+        if not self.text_encoder.understands(request.prompt):
+            raise UserError(_unknown_words(request.prompt))
+        return request
+
+    def generate(
+        self,
+        requests: list[GenerationRequest] | list[str],
+        seeds: list[int] | None = None,
+        progress: Progress | None = None,
+        cancelled: IsCancelled | None = None,
+        **options,
+    ):
+        """`VideoModel.generate`: a list of `Video`, one per request. Called the older way,
+        ``generate(prompts, seeds, steps=, guidance=, negative_prompts=, callback=)``, it
+        returns uint8 frames (B, T, H, W, 3) as `sample` does."""
+        if seeds is not None or options or any(isinstance(r, str) for r in requests):
+            return self.sample(requests, seeds, **options)
+        requests = [self.resolve(r) for r in requests]
+        # One batch per (steps, guidance); usually a single batch of one request.
+        groups: dict[tuple[int, float], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.steps, r.guidance), []).append(i)
+        counter = StepCounter(sum(s for s, _ in groups), progress, cancelled)
+        videos: list[Video | None] = [None] * len(requests)
+        for (steps, guidance), members in groups.items():
+            batch = [requests[i] for i in members]
+            frames = self._sample(
+                [r.prompt for r in batch],
+                [r.seed for r in batch],
+                [r.negative_prompt for r in batch],
+                steps,
+                guidance,
+                lambda done, total: counter.step(),
+            )
+            for i, r, clip in zip(members, batch, frames, strict=True):
+                videos[i] = Video(clip, fps=r.fps)
+        return videos
+
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Video:
+        frames = self.sample(
+            [prompt],
+            [seed],
+            steps=steps,
+            guidance=guidance,
+            negative_prompts=[negative_prompt or ""],
+            callback=callback,
+        )
+        return Video(frames[0], fps=self.config.fps)
+
+    # --- generation: prompts and seeds in, frames out ----------------------------------------
     def check_prompt(self, prompt: str) -> str:
         text = normalize(prompt, self.config.max_prompt_chars)
         if not self.text_encoder.understands(text):
-            raise PromptError(
-                f"The model knows none of the words in {text[:60]!r}; describe "
-                "a shape, its colour and motion, e.g. 'a red circle moving left'."
-            )
+            raise PromptError(_unknown_words(text))
         return text
 
     def _check_params(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
@@ -208,8 +276,7 @@ class TextToVideoPipeline:
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         return torch.stack(noise).to(self.device)  # (B, C, T, H, W)
 
-    @torch.no_grad()
-    def generate(
+    def sample(
         self,
         prompts: list[str],
         seeds: list[int],
@@ -218,14 +285,10 @@ class TextToVideoPipeline:
         guidance: float | None = None,
         negative_prompts: list[str] | None = None,
         callback: Callable[[int, int], None] | None = None,
-        timings: dict[str, float] | None = None,
     ) -> np.ndarray:
         """Generate one clip per prompt: uint8 (B, T, H, W, 3). Clip i is set by
         (prompts[i], seeds[i], negative_prompts[i], steps, guidance); generated in another
         batch it can differ by one uint8 level (batch-size-dependent CPU kernels)."""
-        clock = {"text": 0.0, "sampling": 0.0, "decoding": 0.0}
-        mark = time.perf_counter()
-        # 1. Check inputs.
         if len(prompts) != len(seeds):
             raise ValueError("Give exactly one seed per prompt.")
         prompts = [self.check_prompt(p) for p in prompts]
@@ -234,13 +297,25 @@ class TextToVideoPipeline:
             for n in (negative_prompts or [""] * len(prompts))
         ]
         steps, guidance = self._check_params(steps, guidance)
+        return self._sample(prompts, seeds, negatives, steps, guidance, callback)
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negatives: list[str],
+        steps: int,
+        guidance: float,
+        callback: Callable[[int, int], None] | None,
+    ) -> np.ndarray:
+        """The numbered steps, on checked inputs."""
+        # 1. Draw the starting noise, one seed per clip.
         x = self.initial_noise(seeds)
-        with autocast(self.device, self.precision):
+        with out_of_memory_fails(), autocast(self.device, self.precision):
             # 2. Encode text: the prompts, then (for guidance) the negatives or "".
             guided = guidance != 1.0
             text = self.text_encoder(prompts + negatives if guided else prompts)
-            clock["text"] = time.perf_counter() - mark
-            mark = time.perf_counter()
             # 3-4. Denoise from noise at t = 1 to latents at t = 0 with classifier-free
             # guidance (Ho & Salimans 2022): v = v_neg + g (v_cond - v_neg).
             ts = time_grid(steps, self.config.shift, device=self.device)
@@ -248,15 +323,9 @@ class TextToVideoPipeline:
             z = sampler(
                 _Guided(self.generator, guidance if guided else None), x, ts, text, callback
             ).float()
-            clock["sampling"] = time.perf_counter() - mark
-            mark = time.perf_counter()
             # 5. Decode latents to frames.
             video = self.autoencoder.decode(z).float()  # (B, 3, T, H, W)
-        out = to_uint8_clips(video)  # (B, T, H, W, 3)
-        clock["decoding"] = time.perf_counter() - mark
-        if timings is not None:
-            timings.update(clock)
-        return out
+        return to_uint8_clips(video)  # (B, T, H, W, 3)
 
     @torch.no_grad()
     def reconstruct(self, clips: np.ndarray) -> np.ndarray:
@@ -267,25 +336,12 @@ class TextToVideoPipeline:
             video = self.autoencoder.decode(self.autoencoder.encode(x))
         return to_uint8_clips(video)
 
-    def __call__(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        seed: int = 0,
-        steps: int | None = None,
-        guidance: float | None = None,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> Video:
-        frames = self.generate(
-            [prompt],
-            [seed],
-            steps=steps,
-            guidance=guidance,
-            negative_prompts=[negative_prompt or ""],
-            callback=callback,
-        )
-        return Video(frames[0], fps=self.config.fps)
+
+def _unknown_words(prompt: str) -> str:
+    return (
+        f"The model knows none of the words in {prompt[:60]!r}; describe "
+        "a shape, its colour and motion, e.g. 'a red circle moving left'."
+    )
 
 
 class _Guided:

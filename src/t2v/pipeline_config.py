@@ -1,0 +1,50 @@
+"""The sampling settings saved as a t2v model's pipeline.json, and the knobs they give.
+
+Apart from `t2v.pipeline` so that `t2v.backends.read_knobs` (the CLI's help, the server's
+schema) reads a model's knobs without importing torch or loading weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from t2v import config as cfg
+from t2v.model import MAX_FPS, MAX_GUIDANCE, MAX_STEPS, MIN_FPS, FloatRange, IntRange, Knobs
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+FORMAT_VERSION = 1  # of a t2v model folder; a folder of a newer format is refused
+
+
+@dataclass
+class PipelineConfig:
+    steps: int = 20
+    guidance: float = 6.0
+    sampler: Literal["euler", "heun"] = "euler"
+    shift: float = 1.0  # time-grid shift, see t2v.flow.time_grid
+    fps: float = 8.0
+    max_prompt_chars: int = 500
+    format_version: int = FORMAT_VERSION
+
+    def validate(self) -> None:
+        if self.format_version > FORMAT_VERSION:
+            raise cfg.ConfigError(
+                f"format_version {self.format_version} is newer than this t2v reads "
+                f"({FORMAT_VERSION}); upgrade t2v to load this model."
+            )
+
+
+def knobs_of(pipeline: PipelineConfig, autoencoder: dict) -> Knobs:
+    """The knobs of a t2v model: steps, guidance and fps from its pipeline.json; frames and
+    size fixed by its autoencoder config (a dict, so no torch is needed to read it)."""
+    frames, size = int(autoencoder["frames"]), int(autoencoder["size"])
+    return Knobs(
+        steps=IntRange(pipeline.steps, 1, MAX_STEPS),
+        guidance=FloatRange(pipeline.guidance, 0.0, MAX_GUIDANCE),
+        frames=IntRange(frames, frames, frames),
+        width=IntRange(size, size, size),
+        height=IntRange(size, size, size),
+        fps=FloatRange(pipeline.fps, MIN_FPS, MAX_FPS),
+        max_prompt_chars=pipeline.max_prompt_chars,
+    )
