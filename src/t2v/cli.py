@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_generate(sub)
     _add_eval(sub)
-    from t2v.serve import register_cli
+    from t2v.serve.cli import register_cli
 
     register_cli(sub)
     return parser
@@ -348,9 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user (printed without a traceback)."""
     from t2v.config import ConfigError
+    from t2v.errors import UserError
     from t2v.text import PromptError
 
-    errors: list[type[BaseException]] = [ConfigError, PromptError, ValueError, FileNotFoundError]
+    errors: list[type[BaseException]] = [
+        UserError,
+        ConfigError,
+        PromptError,
+        ValueError,
+        FileNotFoundError,
+    ]
     for module, name in (
         ("t2v.video", "VideoError"),
         ("t2v.data", "DataError"),
