@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from t2v.cli import build_parser, main
+from t2v.outputs import MARKER
 from t2v.pipeline import TextToVideoPipeline
 from t2v.video import read_video
 
@@ -68,7 +69,7 @@ def test_format_option_names_the_default_output(tmp_path, monkeypatch, tiny_mode
     stem = Path("out") / "a-large-red-circle-moving-right"
     assert written == (stem if fmt == "png" else stem.with_suffix(f".{fmt}"))
     if fmt == "png":
-        assert sorted(p.name for p in written.iterdir())[:2] == ["0000.png", "0001.png"]
+        assert sorted(p.name for p in written.glob("*.png"))[:2] == ["0000.png", "0001.png"]
     else:
         assert written_as(written, fmt)
     assert read_video(written).shape == (16, 64, 64, 3)
@@ -140,6 +141,7 @@ def test_batch_mode_writes_numbered_files_and_an_index_with_errors(
     )
     assert capsys.readouterr().out == f"{out / 'index.jsonl'}\n"
     assert sorted(p.name for p in out.iterdir()) == [
+        MARKER,
         "0000.mp4",
         "0002.mp4",
         "0004.mp4",

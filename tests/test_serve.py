@@ -30,11 +30,12 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from servers import Server
+from t2v.errors import UserError
 from t2v.pipeline import TextToVideoPipeline
 from t2v.serve.app import ServeConfig, create_app
-from t2v.serve.auth import KeyStore, RateLimiter
+from t2v.serve.auth import KeyStore
 from t2v.serve.filter import ContentFilter
-from t2v.serve.jobs import MAX_ATTEMPTS, JobRequest, JobStore
+from t2v.serve.store import MAX_ATTEMPTS, JobRequest, SqliteStore
 from t2v.text import PromptError
 from t2v.video import Video
 
@@ -275,7 +276,7 @@ def test_a_failing_job_says_why_and_the_worker_goes_on(serve):
 
 def test_idempotency_key_returns_the_same_job(serve, tmp_path):
     client, pipeline = serve(auth=True)
-    keys = KeyStore(tmp_path / "data")
+    keys = KeyStore(SqliteStore(tmp_path / "data"))
     alice, bob = (
         {"Authorization": f"Bearer {keys.create(n)[1]}", "Idempotency-Key": "k1"}
         for n in ("alice", "bob")
@@ -312,19 +313,9 @@ def test_rate_limit_gets_429_with_retry_after(serve):
     assert "too many" in assert_error(r, 429) and 1 <= int(r.headers["retry-after"]) <= 60
 
 
-def test_rate_limiter_window_slides():
-    now = [0.0]
-    limit = RateLimiter(2, clock=lambda: now[0])
-    assert limit("a") == limit("a") == 0 and limit("a") == 60 and limit("b") == 0
-    now[0] = 30.0
-    assert limit("a") == 30
-    now[0] = 60.5
-    assert limit("a") == 0
-
-
 def test_auth_keys_and_isolation(serve, tmp_path):
     client, _ = serve(auth=True)
-    keys = KeyStore(tmp_path / "data")
+    keys = KeyStore(SqliteStore(tmp_path / "data"))
     (alice_key, alice), (_, bob) = keys.create("alice"), keys.create("bob")
     a, b = ({"Authorization": f"Bearer {k}"} for k in (alice, bob))
 
@@ -348,12 +339,12 @@ def test_auth_keys_and_isolation(serve, tmp_path):
 
 
 def test_keys_are_stored_as_hashes_only(tmp_path):
-    store = KeyStore(tmp_path)
+    store = KeyStore(SqliteStore(tmp_path))
     key, secret = store.create("alice")
     assert store.verify(secret) == key
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     assert secret.encode() not in raw and secret.split("_")[-1].encode() not in raw
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(UserError, match="exists"):
         store.create("alice")
     store.revoke("alice")
     assert store.verify(secret) is None
@@ -372,7 +363,7 @@ def test_keys_cli_prints_the_key_once_as_the_last_line(tmp_path):
     created = t2v("create", "--name", "ci-bot")
     assert created.returncode == 0, created.stderr
     key = created.stdout.splitlines()[-1]
-    assert KeyStore(tmp_path).verify(key).name == "ci-bot"
+    assert KeyStore(SqliteStore(tmp_path)).verify(key).name == "ci-bot"
     listed = t2v("list")
     assert "ci-bot" in listed.stdout and key not in listed.stdout
     assert t2v("revoke", "ci-bot").returncode == 0
@@ -479,7 +470,7 @@ def test_draining_turns_readyz_503_and_refuses_new_jobs(serve):
 
 
 def test_jobs_that_keep_killing_the_server_are_failed_not_retried(tmp_path):
-    store = JobStore(tmp_path)
+    store = SqliteStore(tmp_path)
     jobs = [store.create("", JobRequest(prompt=f"p{i}"), None) for i in range(2)]
     for _ in range(MAX_ATTEMPTS):  # each start claims the first job, then "dies"
         assert store.claim_next().id == jobs[0].id

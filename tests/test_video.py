@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from t2v import video
+from t2v.errors import UserError
+from t2v.outputs import MARKER
 from t2v.video import FORMATS, Video, VideoError, format_from_path, read_video, write_video
 
 COLOURS = np.array([(230, 25, 25), (30, 200, 50), (40, 80, 255), (245, 225, 30)])
@@ -63,7 +65,9 @@ def test_round_trip_keeps_frames_size_and_colours(tmp_path, fmt, codec, tol):
     with pytest.raises(VideoError, match="too short: 10 frames"):
         read_video(path, num_frames=11, fps=8, size=(48, 64))
     if fmt == "png":
-        assert sorted(p.name for p in path.iterdir()) == [f"{i:04d}.png" for i in range(10)]
+        names = sorted(p.name for p in path.iterdir())
+        assert names == [MARKER] + [f"{i:04d}.png" for i in range(10)]
+        assert [p.name for p in tmp_path.iterdir()] == [path.name]
         return
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
     with av.open(str(path)) as container:
@@ -112,9 +116,9 @@ def test_format_from_path():
     assert format_from_path("frames") == "png"
     assert format_from_path("b.mp4", format="GIF") == "gif"
     assert set(FORMATS) == {"mp4", "webm", "gif", "png"}
-    with pytest.raises(ValueError, match="mp4"):
+    with pytest.raises(UserError, match="mp4"):
         format_from_path("b.avi")
-    with pytest.raises(ValueError, match="Unknown video format 'mov'"):
+    with pytest.raises(UserError, match="Unknown video format 'mov'"):
         format_from_path("b.mp4", format="mov")
 
 
@@ -153,8 +157,25 @@ def test_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch)
 def test_png_folder_is_replaced_whole(tmp_path):
     write_video(quadrants(6, 16, 16), tmp_path / "frames")
     write_video(quadrants(2, 16, 16), tmp_path / "frames")
-    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["0000.png", "0001.png"]
+    names = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert names == [MARKER, "0000.png", "0001.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["frames"]
+
+
+def test_writing_never_replaces_what_the_user_made(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "0000.png").write_bytes(b"the user's own frame")
+    (tmp_path / "notes").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    for path, fmt in (("mine", None), ("notes", None), ("notes", "mp4"), ("notes.txt", "mp4")):
+        with pytest.raises(UserError, match="will not replace it|a folder goes here"):
+            write_video(quadrants(2, 16, 16), tmp_path / path, format=fmt)
+    assert (tmp_path / "mine" / "0000.png").read_bytes() == b"the user's own frame"
+    assert (tmp_path / "notes").read_text() == (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "notes.txt"]
+    (tmp_path / "clip.gif").write_bytes(b"an older clip")
+    write_video(quadrants(2, 16, 16), tmp_path / "clip.gif", format="mp4")  # a video: replaced
+    assert read_video(tmp_path / "clip.gif", num_frames=2).shape == (2, 64, 64, 3)
 
 
 def test_sampling_30fps_at_8fps_picks_the_nearest_frames(tmp_path):

@@ -52,7 +52,9 @@ def _add_data(sub) -> None:
         help="train: the endless stream without held-out pairs; eval: the fixed list",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder: new, empty, or one t2v wrote"
+    )
     p.set_defaults(func=_data_shapes)
 
     p = _parser(dsub, "prepare", "Decode, sample, resize and crop videos into verified shards.")
@@ -221,12 +223,16 @@ def _add_generate(sub) -> None:
         "-o",
         "--output",
         type=Path,
-        help="output file (default out/<slug>.<format>);"
-        " its extension sets the format unless --format is given",
+        help="output file, or folder for png (default out/<slug>.<format>); its extension sets"
+        " the format unless --format is given. An existing video file is replaced, like"
+        " ffmpeg -y; anything else that exists is kept and refused, except a folder t2v wrote",
     )
     p.add_argument("--prompts-file", type=Path, help="batch mode: one prompt per line")
     p.add_argument(
-        "--out-dir", type=Path, help="batch mode: writes DIR/0000.mp4, ... and DIR/index.jsonl"
+        "--out-dir",
+        type=Path,
+        help="batch mode: writes DIR/0000.mp4, ... and DIR/index.jsonl; DIR must be new, empty"
+        " or an earlier batch folder (which is replaced whole)",
     )
     p.add_argument("--negative-prompt", default=None, help="what the video should not show")
     p.add_argument(
@@ -297,7 +303,11 @@ def _add_eval(sub) -> None:
     p = _parser(sub, "eval", "Score a model on the Moving Shapes evaluation split.")
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--count", type=int, default=240, help="evaluation prompts in all")
-    p.add_argument("--out", default="out/eval", help="folder for report.json and report.md")
+    p.add_argument(
+        "--out",
+        default="out/eval",
+        help="folder for report.json and report.md: new, empty, or an earlier report",
+    )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")

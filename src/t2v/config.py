@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
-import tempfile
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from t2v.runtime import atomic_write_bytes
 
 T = TypeVar("T")
 
@@ -173,23 +173,6 @@ def read_file(path: str | Path) -> dict[str, Any]:
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     data = read_file(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides or []))
-
-
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; model files are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_json(obj: Any, path: str | Path) -> None:

@@ -22,6 +22,7 @@ from t2v.reader import analyse, clip_features, frechet_distance, read_clip
 from t2v.shapes import FPS, ClipSpec, eval_specs, render
 
 ATTRIBUTES = ("color", "shape", "size", "direction")
+EVAL_REPORT = "eval report"  # the kind of folder `--out` holds (see t2v.outputs)
 GROUPS = ("single_seen", "single_heldout", "two_object", "paraphrase")
 
 # --- paraphrases: wordings the training captions never use ------------------------------------
@@ -315,9 +316,17 @@ def format_table(report: dict) -> str:
 
 def _write_report(report: dict, shown: dict[int, tuple[ClipSpec, np.ndarray]], out: Path) -> None:
     """report.json, and report.md with the table and GIFs of generated and rendered clips."""
+    from t2v.outputs import writing_dir
+
+    with writing_dir(out, EVAL_REPORT) as tmp:  # the report appears whole, or not at all
+        _write_report_files(report, shown, tmp)
+
+
+def _write_report_files(
+    report: dict, shown: dict[int, tuple[ClipSpec, np.ndarray]], out: Path
+) -> None:
     from t2v.video import write_video
 
-    out.mkdir(parents=True, exist_ok=True)
     rows = ["| group | prompt | generated | rendered | read |", "|---|---|---|---|---|"]
     for i, (spec, video) in sorted(shown.items()):
         clip = report["clips"][i]
@@ -358,8 +367,10 @@ def eval_cli(
     device: str,
 ) -> dict:
     """`t2v eval`: load the model, evaluate it, print the table and where the report is."""
+    from t2v.outputs import check_dir
     from t2v.pipeline import DEFAULT_MODEL_DIR, TextToVideoPipeline
 
+    check_dir(out, EVAL_REPORT)  # refuse a folder we would not replace, before any work
     pipe = TextToVideoPipeline.from_pretrained(model or DEFAULT_MODEL_DIR, device=device)
     report = evaluate(
         pipe,

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from t2v.outputs import check_dir, writing_dir
 from t2v.pipeline import DEFAULT_MODEL_DIR, TextToVideoPipeline
 from t2v.text import PromptError
-from t2v.video import Video, format_from_path
+from t2v.video import Video, check_video_output
+
+BATCH = "generated batch"  # the kind of folder `--out-dir` writes (see t2v.outputs)
 
 
 def load_pipeline(
@@ -41,7 +44,7 @@ def generate_one(
     """Generate one clip and write it; returns the path written."""
     if output is None:  # PNG frames go to a folder, named without a suffix
         output = Path("out") / (_slug(prompt) + ("" if format == "png" else f".{format or 'mp4'}"))
-    fmt = format_from_path(output, format)
+    fmt = check_video_output(output, format)  # refuse a path we would not write, before any work
     pipe = load_pipeline(model, device, precision)
     bars: list[tqdm] = []  # opened at the first step, so a bad input fails before a bar shows
 
@@ -88,7 +91,7 @@ def generate_batch(
         raise ValueError("--batch-size must be at least 1.")
     fmt = format or "mp4"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_dir(out_dir, BATCH)
     pipe = load_pipeline(model, device, precision)
     records: list[dict] = []
     good: list[tuple[int, str]] = []
@@ -98,7 +101,11 @@ def generate_batch(
             good.append((i, pipe.check_prompt(line)))
         except PromptError as e:
             records[i]["error"] = str(e)
-    with tqdm(total=len(good), desc="generating", unit="clip") as bar:
+    # The folder appears whole at the end, or not at all.
+    with (
+        writing_dir(out_dir, BATCH) as tmp,
+        tqdm(total=len(good), desc="generating", unit="clip") as bar,
+    ):
         for start in range(0, len(good), batch_size):
             chunk = good[start : start + batch_size]
             frames = pipe.generate(
@@ -110,9 +117,9 @@ def generate_batch(
             )
             for (i, _), clip in zip(chunk, frames, strict=True):
                 name = f"{i:04d}" + ("" if fmt == "png" else f".{fmt}")
-                Video(clip, pipe.config.fps).save(out_dir / name, format=fmt)
+                Video(clip, pipe.config.fps).save(tmp / name, format=fmt)
                 records[i]["file"] = name
             bar.update(len(chunk))
-    index = out_dir / "index.jsonl"
-    index.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return index
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        (tmp / "index.jsonl").write_text(text, encoding="utf-8")
+    return out_dir / "index.jsonl"

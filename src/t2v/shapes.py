@@ -334,24 +334,28 @@ def write_dataset(
     """Write DIR/0000.mp4, ... and DIR/index.jsonl (one JSON object per clip, in order)."""
     from tqdm import tqdm
 
+    from t2v.outputs import writing_dir
     from t2v.video import write_video
 
     if split not in ("train", "eval"):
         raise ValueError(f"Unknown split {split!r}; use 'train' or 'eval'.")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     specs = (
         eval_specs(count, seed) if split == "eval" else [train_spec(seed, i) for i in range(count)]
     )
     digits = max(4, len(str(count - 1)))
-    with open(out / "index.jsonl", "w", encoding="utf-8") as index:
+    # The folder appears whole at the end; a folder the user made is never replaced.
+    with (
+        writing_dir(out, "Moving Shapes clips") as tmp,
+        open(tmp / "index.jsonl", "w", encoding="utf-8") as index,
+    ):
         for start in tqdm(
             range(0, count, 64), disable=not progress, desc="rendering", unit="batch"
         ):
             chunk = specs[start : start + 64]
             for i, (spec, clip) in enumerate(zip(chunk, render(chunk), strict=True)):
                 name = f"{start + i:0{digits}d}.mp4"
-                write_video(clip, out / name, fps=FPS)
+                write_video(clip, tmp / name, fps=FPS)
                 index.write(
                     json.dumps({"file": name, "caption": spec.caption, "objects": spec.labels()})
                     + "\n"

@@ -4,9 +4,6 @@ PyAV decodes as a fixed-size, fixed-rate uint8 clip.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -15,6 +12,9 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from t2v.errors import UserError
+from t2v.outputs import check_dir, check_file, writing_dir, writing_file
 
 FORMATS: dict[str, str] = {
     "mp4": "video/mp4",
@@ -32,7 +32,12 @@ _ENCODERS: dict[str, tuple[str, str, dict[str, str], dict[str, str]]] = {
 }
 
 
-class VideoError(Exception):
+# A video file may replace only another video file (see t2v.outputs); PNG frames are a folder.
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+PNG_FRAMES = "png frames"
+
+
+class VideoError(UserError):
     """An input that cannot be read as a video; ``reason`` says why in words."""
 
     def __init__(self, path, reason: str):
@@ -55,7 +60,7 @@ def format_from_path(path, format: str | None = None) -> str:
     names = ", ".join(FORMATS)
     if format is not None:
         if format.lower() not in FORMATS:
-            raise ValueError(f"Unknown video format {format!r}; use one of {names}.")
+            raise UserError(f"Unknown video format {format!r}; use one of {names}.")
         return format.lower()
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")
@@ -63,7 +68,7 @@ def format_from_path(path, format: str | None = None) -> str:
         return suffix
     if not suffix or path.is_dir():
         return "png"
-    raise ValueError(
+    raise UserError(
         f"Cannot tell the video format of {path.name!r}; name it .mp4, .webm or .gif, "
         f"give a folder name for PNG frames, or pass one of {names} as the format."
     )
@@ -86,28 +91,32 @@ def _check_frames(frames) -> np.ndarray:
 
 
 def write_video(frames: np.ndarray, path, fps: float = 8.0, format: str | None = None) -> Path:
-    """Write uint8 (T, H, W, 3) frames; the file appears under ``path`` only once complete."""
+    """Write uint8 (T, H, W, 3) frames; the file appears under ``path`` only once complete.
+
+    Follows t2v.outputs: a video file replaces only a video file, PNG frames replace only a
+    folder of frames t2v wrote, and nothing the user made is ever removed.
+    """
     frames = _check_frames(frames)
     if not fps > 0:
         raise ValueError(f"fps must be positive, not {fps}.")
     path = Path(path)
     fmt = format_from_path(path, format)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "png":
-        _write_png_folder(frames, path)
+        with writing_dir(path, PNG_FRAMES) as tmp:
+            for i, image in enumerate(frames):
+                av.VideoFrame.from_ndarray(image, format="rgb24").save(tmp / f"{i:04d}.png")
         return path
-    tmp = _part(path)
-    try:
+    with writing_file(path, VIDEO_SUFFIXES) as tmp:
         _encode(frames, str(tmp), fps, fmt)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
-def _part(path: Path) -> Path:
-    """A unique hidden name beside ``path`` (not mkstemp, whose 0600 mode would stick)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+def check_video_output(path, format: str | None = None) -> str:
+    """Refuse now, before any work, an output that `write_video` would refuse; returns
+    the format."""
+    fmt = format_from_path(path, format)
+    check_dir(path, PNG_FRAMES) if fmt == "png" else check_file(path, VIDEO_SUFFIXES)
+    return fmt
 
 
 def _encode(frames: np.ndarray, target: str, fps: float, fmt: str) -> None:
@@ -168,24 +177,6 @@ def _palettize(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     palette[: len(colours), 2] = (colours >> 8) & 255
     palette[: len(colours), 3] = colours & 255
     return index.reshape(frames.shape[:3]).astype(np.uint8), palette
-
-
-def _write_png_folder(frames: np.ndarray, path: Path) -> None:
-    tmp = _part(path)
-    tmp.mkdir()
-    try:
-        for i, image in enumerate(frames):
-            av.VideoFrame.from_ndarray(image, format="rgb24").save(tmp / f"{i:04d}.png")
-        if path.exists():  # swap the old folder out first: a directory rename cannot overwrite
-            old = _part(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -313,3 +304,23 @@ def _png_frames(folder: Path, fps: float) -> Iterator[tuple[float, av.VideoFrame
         except (av.FFmpegError, StopIteration, OSError):
             raise VideoError(folder, f"frame {file.name} is not a readable PNG") from None
         yield i / fps, frame
+
+
+# --- frames <-> model tensors: shared by the pipeline and the trainer ----------------------
+
+
+def to_model_tensor(clips: np.ndarray):
+    """uint8 (B, T, H, W, 3) -> float torch tensor (B, 3, T, H, W) in [-1, 1]."""
+    import torch  # here, so decoding workers that import this module skip torch
+
+    ok = isinstance(clips, np.ndarray) and clips.dtype == np.uint8 and clips.ndim == 5
+    if not ok or clips.shape[-1] != 3:
+        raise ValueError("Clips must be a uint8 array (B, T, H, W, 3).")
+    x = torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
+    return x.contiguous().float().div_(127.5).sub_(1.0)
+
+
+def to_uint8_clips(x) -> np.ndarray:
+    """The inverse of to_model_tensor: (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
+    frames = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return frames.permute(0, 2, 3, 4, 1).cpu().numpy()
