@@ -34,7 +34,6 @@ from t2v.errors import UserError
 from t2v.pipeline import TextToVideoPipeline
 from t2v.serve.app import ServeConfig, create_app
 from t2v.serve.auth import KeyStore
-from t2v.serve.filter import ContentFilter
 from t2v.serve.store import MAX_ATTEMPTS, JobRequest, SqliteStore
 from t2v.text import PromptError
 from t2v.video import Video
@@ -478,40 +477,6 @@ def test_jobs_that_keep_killing_the_server_are_failed_not_retried(tmp_path):
     survivor = store.get(jobs[0].id, "")
     assert survivor.status == "failed" and "not retried" in survivor.error
     assert store.get(jobs[1].id, "").status == "queued"
-
-
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        "c s a m",
-        "ｃｓａｍ",
-        "c\u200bsam",
-        "C.S.A.M",
-        "сsаm",
-        "çsäm",
-        "child-porn",
-        "Child  Porn",
-        "a childporn clip",
-        "CHILD\tP O R N",
-        "c\x00sam",
-    ],
-)
-def test_filter_sees_through_spacing_and_lookalikes(prompt):
-    assert ContentFilter.from_file().blocked_term(prompt) is not None
-
-
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        "a red circle moving right",
-        "csamples of shapes",
-        "a snuff filmmaker's circle",
-        "a classy red square",
-        "the child ports a ship",
-    ],
-)
-def test_filter_matches_whole_words_only(prompt):
-    assert ContentFilter.from_file().blocked_term(prompt) is None
 
 
 def test_blocklist_file_is_configurable(serve, tmp_path):

