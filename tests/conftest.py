@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+# Tiny components with the whole prompt encoded at once and pooled text in the modulation: the
+# simplest wiring, which the tests of generation and serving were written against.
 TINY_TRAIN = {
     "autoencoder": {"latent_channels": 4, "width": 8, "latent_width": 16, "blocks": 1},
-    "text_encoder": {"kind": "transformer", "width": 16, "depth": 1, "heads": 2},
-    "generator": {"width": 16, "depth": 1, "heads": 2},
+    "text_encoder": {
+        "kind": "transformer",
+        "width": 16,
+        "depth": 1,
+        "heads": 2,
+        "split_objects": False,
+    },
+    "generator": {"width": 16, "depth": 1, "heads": 2, "pooled_text": True},
     "pipeline": {"steps": 4, "guidance": 2.0},
     "data": {"tokenizer_captions": 500},
 }
@@ -18,28 +26,20 @@ def build_tiny_pipeline(seed: int = 0):
 
     from t2v import shapes
     from t2v.config import from_dict
-    from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
-    from t2v.models.generator import GeneratorConfig, LatentGenerator
-    from t2v.models.text_encoders import TextEncoderConfig, build_text_encoder
+    from t2v.models.autoencoder import AutoencoderConfig
+    from t2v.models.build import build_pipeline
+    from t2v.models.generator import GeneratorConfig
+    from t2v.models.text_encoders import TextEncoderConfig
     from t2v.pipeline import PipelineConfig, TextToVideoPipeline
     from t2v.text import Tokenizer
 
     torch.manual_seed(seed)
     tok = Tokenizer.train(shapes.caption_corpus(count=500))
-    te = build_text_encoder(from_dict(TextEncoderConfig, TINY_TRAIN["text_encoder"]), tok)
-    ae = VideoAutoencoder(from_dict(AutoencoderConfig, TINY_TRAIN["autoencoder"]))
-    c, t, h, _ = ae.config.latent_shape
-    gen = LatentGenerator(
-        from_dict(
-            GeneratorConfig,
-            {
-                **TINY_TRAIN["generator"],
-                "text_dim": te.config.output_dim,
-                "latent_channels": c,
-                "latent_frames": t,
-                "latent_size": h,
-            },
-        )
+    te, ae, gen = build_pipeline(
+        from_dict(TextEncoderConfig, TINY_TRAIN["text_encoder"]),
+        from_dict(AutoencoderConfig, TINY_TRAIN["autoencoder"]),
+        from_dict(GeneratorConfig, TINY_TRAIN["generator"]),
+        tok,
     )
     # adaLN-Zero starts at exactly zero output; nudge it so tests see prompt-dependent clips.
     with torch.no_grad():

@@ -63,7 +63,9 @@ def _check(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping.")
-        return dict(value)
+        args = get_args(tp)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _check(item, v, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -95,11 +97,22 @@ def _check(tp: Any, value: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build ``cls`` from ``data``; unknown keys and ill-typed values raise ConfigError."""
+    """Build ``cls`` from ``data``; unknown keys and ill-typed values raise ConfigError.
+
+    A dataclass may list settings it no longer has in ``REMOVED`` (name -> the one value that
+    still loads), so that model folders saved before a setting was dropped keep loading."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    removed = getattr(cls, "REMOVED", {})
     kwargs = {}
     for key, value in data.items():
+        if key in removed:
+            if value != removed[key]:
+                raise ConfigError(
+                    f"'{prefix}{key}' is {value!r}, but this version of t2v no longer has that "
+                    f"setting and only loads {removed[key]!r}."
+                )
+            continue
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = (

@@ -74,13 +74,11 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def train(cls, texts: Iterable[str], min_frequency: int = 1) -> Tokenizer:
+    def train(cls, texts: Iterable[str]) -> Tokenizer:
         from tokenizers import trainers
 
         tok = cls._new()
-        trainer = trainers.WordLevelTrainer(
-            special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency, show_progress=False
-        )
+        trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 

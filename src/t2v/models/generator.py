@@ -1,9 +1,7 @@
 """Latent video generator: a diffusion transformer (Peebles & Xie 2023, "DiT") over latent
 patches, conditioned on the flow time through adaLN-Zero modulation shared across blocks
-(adaLN-single, Chen et al. 2023 "PixArt-alpha") and on the text through either
-cross-attention, or joint attention: the text tokens join the latent tokens in every block's
-self-attention and MLP, with the same weights (the single-stream blocks of FLUX.1; Esser et
-al. 2024 "MM-DiT" for the joint sequence), so the text is refined alongside the video.
+(adaLN-single, Chen et al. 2023 "PixArt-alpha") and on the text through a cross-attention
+layer in every block.
 
 The network predicts a velocity; it knows nothing of flow matching or sampling.
 """
@@ -11,7 +9,7 @@ The network predicts a velocity; it knows nothing of flow matching or sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
@@ -32,22 +30,22 @@ class GeneratorConfig:
     depth: int = 8
     heads: int = 4
     mlp_ratio: float = 4.0
-    text_dim: int = 256  # the text encoder's output_dim
+    text_dim: int = 384  # derived when built: the text encoder's output_dim
     cond_dropout: float = 0.1  # share of captions replaced by "" in training, for guidance
-    # "cross": the latent tokens attend to the text in a cross-attention layer per block;
-    # "joint": the text tokens join the latent tokens' sequence.
-    text_attention: Literal["cross", "joint"] = "cross"
-    # Learned embeddings, one per object slot, added to the text tokens of that slot's clause
-    # (text_encoder.split_objects sets it); 0 = none.
-    text_slots: int = 0
+    # Learned embeddings, one per object slot, added to the text tokens of that slot's clause;
+    # derived when built (MAX_SLOTS with text_encoder.split_objects, else 0 = none).
+    text_slots: int = 4
     # Training only: weight of a loss that sends each latent token's cross-attention to the
-    # text slot of the object that covers it (needs split_objects and a data source that
-    # knows where its objects are, as Moving Shapes does); 0 = off.
-    attention_loss: float = 0.0
+    # text slot of the object that covers it. It runs only when the data source knows where
+    # its objects are (Moving Shapes does) and the text is split into object clauses; 0 = off.
+    attention_loss: float = 0.1
     # Add the pooled text vector to the time embedding that modulates every block (adaLN).
     # With several objects that one vector is a blend of their clauses, so False leaves
     # the text to the attention alone (as PixArt-alpha's adaLN-single does).
-    pooled_text: bool = True
+    pooled_text: bool = False
+
+    # Model folders saved before joint attention was removed store the text attention.
+    REMOVED: ClassVar[dict[str, Any]] = {"text_attention": "cross"}
 
     def validate(self) -> None:
         if self.latent_frames % self.patch_t or self.latent_size % self.patch_s:
@@ -69,31 +67,26 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 class Block(nn.Module):
-    """Self-attention, cross-attention to text (unless the text is in the sequence), MLP;
-    adaLN-Zero gates on the residuals."""
+    """Self-attention, cross-attention to text, MLP; adaLN-Zero gates on the residuals."""
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         d = cfg.width
         self.ln1 = nn.LayerNorm(d, elementwise_affine=False)
         self.attn = Attention(d, cfg.heads)
-        self.joint = cfg.text_attention == "joint"
-        if not self.joint:
-            self.ln_x = nn.LayerNorm(d)
-            self.cross = Attention(d, cfg.heads, context_dim=cfg.text_dim)
+        self.ln_x = nn.LayerNorm(d)
+        self.cross = Attention(d, cfg.heads, context_dim=cfg.text_dim)
         self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
         self.mlp = MLP(d, cfg.mlp_ratio)
         # This block's learned offset to the shared modulation (adaLN-single).
         self.mod_bias = nn.Parameter(torch.zeros(6, d))
 
-    def forward(self, x, mod, text: TextEncoding, mask: torch.Tensor | None = None, maps=None):
-        """x: (B, N, D), with the text tokens at the end when joint; mod: (B, 6, D) shared
-        time modulation; text tokens (B, L, Dt); mask: (B, N) keys to attend, when joint;
+    def forward(self, x, mod, text: TextEncoding, maps=None):
+        """x: (B, N, D); mod: (B, 6, D) shared time modulation; text tokens (B, L, Dt);
         maps: a list that gets the cross-attention weights (B, N, L), if given."""
         sh1, sc1, g1, sh2, sc2, g2 = (mod + self.mod_bias).unbind(1)  # each (B, D)
-        x = x + g1[:, None] * self.attn(_modulate(self.ln1(x), sh1, sc1), mask=mask)
-        if not self.joint:
-            x = x + self.cross(self.ln_x(x), text.tokens, text.mask, weights=maps)
+        x = x + g1[:, None] * self.attn(_modulate(self.ln1(x), sh1, sc1))
+        x = x + self.cross(self.ln_x(x), text.tokens, text.mask, weights=maps)
         return x + g2[:, None] * self.mlp(_modulate(self.ln2(x), sh2, sc2))
 
 
@@ -115,8 +108,6 @@ class LatentGenerator(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if c.text_slots:
             self.slot_embed = nn.Parameter(torch.randn(c.text_slots, c.text_dim) * 0.1)
-        if c.text_attention == "joint":
-            self.text_in = nn.Sequential(nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, d))
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
         self.out_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -136,8 +127,6 @@ class LatentGenerator(nn.Module):
         """x: (B, C, T, H, W) latents at flow time t (B,) -> velocity of the same shape.
         attention_maps: a list that gets each block's cross-attention weights from the latent
         tokens (in (t, h, w) order) to the text tokens, averaged over heads: (B, N, L)."""
-        if attention_maps is not None and self.config.text_attention != "cross":
-            raise ValueError("attention maps exist only with cross-attention")
         c = self.config
         gt, gh, gw = c.grid
         tokens = rearrange(
@@ -149,21 +138,16 @@ class LatentGenerator(nn.Module):
         )
         h = self.patch_in(tokens) + self.pos_t + self.pos_h + self.pos_w  # (B, T, H, W, D)
         h = h.flatten(1, 3)  # (B, N, D)
-        n, mask = h.shape[1], None
         if c.text_slots:  # mark each text token with its object's slot
             slots = text.mask.long() * 0 if text.slots is None else text.slots
             slot = self.slot_embed[slots.clamp(max=c.text_slots - 1)]
             text = text._replace(tokens=text.tokens + slot.to(text.tokens.dtype))
-        if c.text_attention == "joint":  # append the text tokens; padding is never a key
-            h = torch.cat([h, self.text_in(text.tokens.to(h.dtype))], dim=1)
-            mask = torch.cat([text.mask.new_ones(h.shape[0], n), text.mask], dim=1)
         cond = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
         if c.pooled_text:
             cond = cond + self.text_pool(text.pooled.to(h.dtype))  # (B, D)
         mod = self.modulation(cond).unflatten(1, (6, c.width))  # (B, 6, D)
         for block in self.blocks:
-            h = block(h, mod, text, mask, attention_maps)
-        h = h[:, :n]  # the latent tokens
+            h = block(h, mod, text, attention_maps)
         shift, scale = self.out_mod(cond).chunk(2, dim=1)
         out = self.patch_out(_modulate(self.ln_out(h), shift, scale))  # (B, N, patch_dim)
         return rearrange(

