@@ -376,3 +376,16 @@ def test_offload_is_refused_for_a_t2v_model(tiny_model_dir):
 
     with pytest.raises(ModelError, match="needs --device cuda"):
         load_model(tiny_model_dir, device="cpu", offload="model")
+
+
+def test_importing_the_pipeline_loads_no_training_code():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, t2v.pipeline; "
+        "print(sorted({'t2v.data', 't2v.train', 't2v.shapes'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

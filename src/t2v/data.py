@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from t2v.text import PromptError, normalize
-from t2v.video import VideoError, read_video
+from t2v.video import VideoError, read_video, to_model_tensor, to_uint8_clips  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -570,20 +570,3 @@ def open_source(
             "prepared shards."
         )
     return ShardSource(spec, seed=seed)
-
-
-def to_model_tensor(clips: np.ndarray) -> torch.Tensor:
-    """uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
-    import torch  # here, so decoding workers that import this module skip torch
-
-    ok = isinstance(clips, np.ndarray) and clips.dtype == np.uint8 and clips.ndim == 5
-    if not ok or clips.shape[-1] != 3:
-        raise ValueError("Clips must be a uint8 array (B, T, H, W, 3).")
-    x = torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
-    return x.contiguous().float().div_(127.5).sub_(1.0)
-
-
-def to_uint8_clips(x: torch.Tensor) -> np.ndarray:
-    """The inverse of to_model_tensor: (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
-    frames = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    return frames.permute(0, 2, 3, 4, 1).cpu().numpy()

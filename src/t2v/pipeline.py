@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from t2v import config as cfg
-from t2v.data import to_model_tensor, to_uint8_clips
 from t2v.flow import time_grid
 from t2v.model import (
     MAX_GUIDANCE,
@@ -50,7 +49,7 @@ from t2v.runtime import (
 )
 from t2v.sampling import SAMPLERS
 from t2v.text import PromptError, Tokenizer, normalize
-from t2v.video import Video
+from t2v.video import Video, to_model_tensor, to_uint8_clips
 
 __all__ = ["DEFAULT_MODEL_DIR", "MAX_GUIDANCE", "MAX_STEPS", "ModelError", "PipelineConfig"]
 __all__ += ["TextToVideoPipeline", "knobs_of"]
