@@ -10,6 +10,7 @@ from playwright.sync_api import sync_playwright
 
 from servers import Server
 from t2v.serve.auth import KeyStore
+from t2v.serve.store import SqliteStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -91,7 +92,7 @@ def test_generate_and_watch_the_video_play(tmp_path, tiny_model_dir, browser):
 
 def test_the_page_asks_for_a_key_when_auth_is_on(tmp_path, tiny_model_dir, browser):
     ARTIFACTS.mkdir(exist_ok=True)
-    _, key = KeyStore(tmp_path / "data").create("browser")
+    _, key = KeyStore(SqliteStore(tmp_path / "data")).create("browser")
     with Server(tmp_path / "data", tiny_model_dir, "--auth") as server:
         page, problems = open_page(browser, server.url)
         page.get_by_label("API key").wait_for()

@@ -8,7 +8,7 @@ import sys
 import time
 
 from servers import Server, done, stepping
-from t2v.serve.jobs import JobStore
+from t2v.serve.store import SqliteStore
 
 
 def test_kill_9_mid_job_then_restart(tmp_path, tiny_model_dir):
@@ -22,7 +22,7 @@ def test_kill_9_mid_job_then_restart(tmp_path, tiny_model_dir):
         server.wait(killed, stepping)
         server.proc.send_signal(signal.SIGKILL)
         assert server.exit_code(10) == -signal.SIGKILL
-    assert JobStore(data).get(killed, "").status == "running"  # as the dead process left it
+    assert SqliteStore(data).get(killed, "").status == "running"  # as the dead process left it
 
     with Server(data, tiny_model_dir) as server:
         rerun = server.wait(killed, done)
@@ -46,7 +46,7 @@ def test_sigterm_finishes_the_running_job_while_readyz_says_503(tmp_path, tiny_m
         assert server.client.post("/v1/videos", json={"prompt": "a late circle"}).status_code == 503
         assert server.client.get(f"/v1/videos/{job}").json()["status"] == "running"
         assert server.exit_code(120) == 0
-    assert JobStore(data).get(job, "").status == "succeeded"
+    assert SqliteStore(data).get(job, "").status == "succeeded"
     assert (data / "videos" / f"{job}.mp4").stat().st_size > 0
 
 
@@ -57,7 +57,7 @@ def test_sigterm_requeues_a_job_longer_than_the_drain_timeout(tmp_path, tiny_mod
         server.wait(job, stepping)
         server.proc.send_signal(signal.SIGTERM)  # 20 s of steps left; 0.5 s to finish them
         assert server.exit_code(120) == 0
-    requeued = JobStore(data).get(job, "")
+    requeued = SqliteStore(data).get(job, "")
     assert requeued.status == "queued" and requeued.step == 0 and requeued.attempts == 0
 
 

@@ -172,9 +172,8 @@ def _serve(args: argparse.Namespace) -> None:
         )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     from t2v.serve.app import ServeConfig
-    from t2v.serve.auth import KeyStore
 
-    if args.auth and not any(k.revoked_at is None for k in KeyStore(args.data_dir).list()):
+    if args.auth and not any(k.revoked_at is None for k in _keys(args).list()):
         logging.getLogger("t2v.serve").warning(
             "--auth is on but %s has no active API key; create one with "
             "`t2v keys create --data-dir %s --name NAME`",
@@ -198,10 +197,16 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
-def _keys_create(args: argparse.Namespace) -> None:
+def _keys(args: argparse.Namespace):
+    """The API keys of the store `--db` names, or of the data directory's SQLite file."""
     from t2v.serve.auth import KeyStore
+    from t2v.serve.store import open_store
 
-    key, secret = KeyStore(args.data_dir).create(args.name)
+    return KeyStore(open_store(getattr(args, "db", None), args.data_dir))
+
+
+def _keys_create(args: argparse.Namespace) -> None:
+    key, secret = _keys(args).create(args.name)
     print(f"Created API key '{key.name}' (id {key.id}) in {args.data_dir}.")
     print("It is shown only now; send it as the header 'Authorization: Bearer <key>':")
     print(secret)
@@ -210,21 +215,17 @@ def _keys_create(args: argparse.Namespace) -> None:
 def _keys_list(args: argparse.Namespace) -> None:
     from datetime import datetime
 
-    from t2v.serve.auth import KeyStore
-
     def day(t):
         return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
 
     print(f"{'id':<12}  {'name':<24}  {'created':<16}  revoked")
-    for key in KeyStore(args.data_dir).list():
+    for key in _keys(args).list():
         print(f"{key.id:<12}  {key.name:<24}  {day(key.created_at):<16}  {day(key.revoked_at)}")
 
 
 def _keys_revoke(args: argparse.Namespace) -> None:
-    from t2v.serve.auth import KeyStore
-
-    key = KeyStore(args.data_dir).revoke(args.key)
-    print(f"Revoked API key '{key.name}' (id {key.id}).")
+    key, cancelled = _keys(args).revoke(args.key)
+    print(f"Revoked API key '{key.name}' (id {key.id}); {cancelled} of its jobs were cancelled.")
 
 
 # --- running it --------------------------------------------------------------------------------

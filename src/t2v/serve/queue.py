@@ -1,0 +1,482 @@
+"""The job queue the routes call (validation, admission) and the workers that drain it.
+
+Generation is compute-bound, so a worker runs one job at a time and everything else waits in
+the store's queue. Every state change is written to the store before it is announced, and
+videos are written to `<data-dir>/videos/<id>.<format>` (a temporary name first, renamed
+when complete), so a process killed at any instant leaves no half-written video and no job
+stuck as running: the next start re-queues it (SQLite), or its lease runs out (PostgreSQL).
+
+Cancelling a running job marks it cancelled at once; its worker notices before the next
+sampling step and drops the job. Draining (SIGTERM) lets the running job finish; stopping
+(Ctrl-C, or a drain that ran out of time) puts it back in the queue at the next step.
+
+When the store cannot be written (a full disk), a new job gets a 503 (`StoreUnavailable`);
+a running job whose progress cannot be written stops, and its worker keeps trying to record
+it as failed, with the reason, until the write succeeds (or the next start re-queues it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from t2v.errors import UserError
+from t2v.model import Cancelled, GenerationRequest, VideoModel
+from t2v.serve.store import (
+    FINISHED,
+    MAX_ATTEMPTS,
+    Job,
+    JobError,
+    JobRequest,
+    SqlStore,
+    StoreUnavailable,
+    request_hash,
+)
+from t2v.text import PromptError, normalize
+
+__all__ = ["FINISHED", "MAX_ATTEMPTS", "Job", "JobError", "JobQueue", "JobRequest", "Worker"]
+
+log = logging.getLogger("t2v.serve")
+
+PROGRESS_INTERVAL_S = 0.1  # at most this often a running job's progress is written
+HEARTBEAT_S = 5.0  # how often a worker says it is alive (and renews its job's lease)
+LIVE_S = 3 * HEARTBEAT_S  # a worker not heard from for this long serves nothing
+RETRY_S = 1.0  # how often a worker retries writing a job's outcome the store refused
+
+
+class Changes:
+    """Lets async handlers (server-sent events) wait for the next job update without polling."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self.version = 0
+        self.closed = False
+
+    def notify(self, close: bool = False) -> None:
+        with self._lock:
+            self.version += 1
+            self.closed = self.closed or close
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that request's event loop is already closed
+                pass
+
+    async def wait(self, version: int, timeout: float) -> bool:
+        """Wait until something changed after `version`; False when `timeout` passed first."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            if self.version != version:
+                return True
+            self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter[1].wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                self._waiters.discard(waiter)
+
+
+def model_name(model) -> str:
+    """The name jobs use for `model`: its `ModelInfo.id`."""
+    info = getattr(model, "info", None)
+    return info.id if info is not None else "t2v"
+
+
+def model_card(model) -> dict:
+    """What `GET /v1/models` shows of a model a worker serves."""
+    info = getattr(model, "info", None)
+    if info is None:
+        return {"id": "t2v", "kind": "t2v"}
+    return {"id": info.id, "kind": info.kind, "description": info.description}
+
+
+class Worker:
+    """Runs jobs from the store on one loaded model, one at a time, under a renewed lease.
+
+    `stop` makes the running job go back to the queue at its next step; the caller's loop
+    decides when to stop claiming. `run_one` returns False when nothing was queued.
+    """
+
+    def __init__(
+        self,
+        store: SqlStore,
+        model,
+        *,
+        name: str | None = None,
+        lease_s: float = 60.0,
+        stop: threading.Event | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.store, self.model, self.lease_s = store, model, lease_s
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.model_id = model_name(model)
+        self.stop = stop or threading.Event()
+        self.on_change = on_change
+        self.current: Job | None = None
+
+    def heartbeat(self) -> None:
+        """Say this worker is alive and renew its job's lease (call every `HEARTBEAT_S`)."""
+        self.store.heartbeat(self.name, self.model_id, model_card(self.model))
+        job = self.current
+        if job is not None and not self.store.renew(job.id, self.name, self.lease_s):
+            log.warning("job %s is no longer this worker's (cancelled or lease lost)", job.id)
+
+    def run_one(self) -> bool:
+        job = self.store.claim_next(self.name, self.model_id, self.lease_s)
+        if job is None:
+            return False
+        self.current = job
+        try:
+            self._execute(job)
+        finally:
+            self.current = None
+            self.on_change()
+        return True
+
+    def _execute(self, job: Job) -> None:
+        self.on_change()
+        last_write, failure = 0.0, None
+
+        def cancelled() -> bool:
+            if failure is not None or self.stop.is_set():
+                return True
+            try:
+                return self._lost(job)
+            except StoreUnavailable:  # unreachable for now: keep going; the lease decides
+                return False
+
+        def progress(step: int, total: int) -> None:
+            nonlocal last_write, failure
+            if cancelled():
+                raise Cancelled
+            if step == total or time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
+                try:
+                    self.store.set_progress(job.id, step, total, self.name)
+                except StoreUnavailable as e:
+                    failure = f"The server could not record the job's progress: {e.message}"
+                    raise Cancelled from e
+                last_write = time.monotonic()
+                self.on_change()
+
+        path = self.store.video_path(job)
+        try:
+            video = _generate(self.model, job, progress, cancelled)
+            video.save(path, format=job.format)  # the file appears only once complete
+        except Cancelled:
+            if failure is not None:
+                self._finish(job, "failed", failure)
+            elif self.stop.is_set() and not self._lost(job):
+                self.store.requeue(job.id, count_attempt=False, worker=self.name)
+                log.info("job %s interrupted by shutdown; queued again", job.id)
+            else:
+                log.info("job %s cancelled", job.id)
+            return
+        except (UserError, ValueError) as e:  # the model's one-sentence refusals
+            self._finish(job, "failed", str(e))
+            return
+        except OSError as e:  # e.g. no space left for the video
+            log.exception("job %s: writing its video failed", job.id)
+            self._finish(job, "failed", f"The server could not write the video ({e.strerror}).")
+            return
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            why = f"Generation failed ({type(e).__name__}); the server log has the details."
+            self._finish(job, "failed", why)
+            return
+        if not self._finish(job, "succeeded") and self.store.status(job.id) != "succeeded":
+            path.unlink(missing_ok=True)  # cancelled (or taken over) while it was encoded
+
+    def _lost(self, job: Job) -> bool:
+        """Whether the job was cancelled, or is no longer this worker's."""
+        current = self.store.get(job.id, None)
+        return current is None or current.status != "running" or current.worker != self.name
+
+    def _finish(self, job: Job, status: str, error: str | None = None) -> bool:
+        """Record the outcome, retrying while the store refuses writes (a full disk) until
+        it accepts them or this worker stops (then the next start re-queues the job)."""
+        while True:
+            try:
+                return self.store.finish(job.id, status, error, self.name)
+            except StoreUnavailable:
+                log.warning("job %s: the store refused its outcome; retrying", job.id)
+                if self.stop.wait(RETRY_S):
+                    return False
+
+
+def _generate(model, job: Job, progress, cancelled):
+    """One video for `job` through the model protocol."""
+    request = GenerationRequest(
+        job.prompt,
+        job.negative_prompt,
+        job.seed,
+        job.steps,
+        job.guidance,
+        job.frames,
+        job.width,
+        job.height,
+        job.fps,
+    )
+    if isinstance(model, VideoModel):
+        return model.generate([model.resolve(request)], progress=progress, cancelled=cancelled)[0]
+    # A callable like the bundled pipeline's __call__, until it implements VideoModel.
+    return model(
+        job.prompt,
+        negative_prompt=job.negative_prompt,
+        seed=job.seed,
+        steps=job.steps,
+        guidance=job.guidance,
+        callback=progress,
+    )
+
+
+class JobQueue:
+    """The service the routes call: validation, admission, and `workers` worker threads.
+
+    `load_pipeline` (a `VideoModel`, or a callable like the bundled pipeline) runs once, on
+    the first worker thread, before the first job; `on_fatal` is called when it fails (the
+    CLI uses it to stop the server with a non-zero exit). With `workers=0` the node only
+    serves the API, and `t2v worker` processes sharing its store run the jobs.
+    """
+
+    def __init__(
+        self,
+        store: SqlStore,
+        load_pipeline: Callable[[], Callable],
+        *,
+        blocked_term: Callable[[str], str | None] = lambda prompt: None,
+        rate_limit: Callable[[str], float] = lambda owner: 0.0,
+        queue_size: int = 100,
+        on_fatal: Callable[[], None] = lambda: None,
+        workers: int = 1,
+        lease_s: float = 60.0,
+    ):
+        self.store, self.changes = store, Changes()
+        self._load, self._blocked_term, self._rate_limit = load_pipeline, blocked_term, rate_limit
+        self.queue_size, self.on_fatal, self.lease_s = queue_size, on_fatal, lease_s
+        self._lock = threading.Lock()  # admission: idempotency check, bound and insert as one
+        self._wake = threading.Event()
+        self._draining, self._stop = threading.Event(), threading.Event()
+        self._loaded = threading.Event()
+        self._pipe: Callable | None = None
+        self.load_error: str | None = None
+        self.workers: list[Worker] = []
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"t2v-worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
+
+    # --- the API the routes use --------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """'ready', 'starting', 'draining', 'failed', or 'unavailable' (the store is not
+        reachable)."""
+        if self.load_error:
+            return "failed"
+        if self._draining.is_set() or self._stop.is_set():
+            return "draining"
+        if not self.store.ping():
+            return "unavailable"
+        if not self._threads:
+            return "ready"
+        if not self._loaded.is_set():
+            return "starting"
+        return "ready" if all(t.is_alive() for t in self._threads) else "failed"
+
+    def submit(self, owner: str, req: JobRequest, idempotency_key: str | None) -> tuple[Job, bool]:
+        """Queue a job, or return the one this idempotency key made; True means a replay."""
+        if self._draining.is_set() or self._stop.is_set():
+            raise JobError(503, "The server is shutting down; retry in a minute.", retry_after=60)
+        req = _checked(req, self._blocked_term)
+        if (check := getattr(self._pipe, "check_prompt", None)) is not None:
+            try:  # e.g. a prompt the model knows no word of: refuse now, not after queueing
+                check(req.prompt)
+            except PromptError as e:
+                raise JobError(422, str(e)) from None
+        with self._lock:
+            if idempotency_key is not None:
+                found = self.store.by_idempotency_key(owner, idempotency_key)
+                if found and found[1] != request_hash(req):
+                    raise JobError(
+                        422,
+                        "This Idempotency-Key was used for a different request;"
+                        " use a new key for new work.",
+                    )
+                if found:
+                    return found[0], True
+            if self.store.count("queued") >= self.queue_size:
+                wait = self._eta_of_running()
+                raise JobError(
+                    429,
+                    f"The queue is full ({self.queue_size} jobs); retry in {wait} s.",
+                    retry_after=wait,
+                )
+            if wait := self._rate_limit(owner):
+                raise JobError(
+                    429,
+                    "This API key has sent too many generation requests;"
+                    f" retry in {math.ceil(wait)} s.",
+                    retry_after=math.ceil(wait),
+                )
+            job = self.store.create(owner, req, idempotency_key)
+        self._wake.set()
+        self.changes.notify()
+        return job, False
+
+    def get(self, job_id: str, owner: str) -> Job:
+        job = self.store.get(job_id, owner)
+        if job is None:
+            raise JobError(404, f"No video has the id '{job_id[:40]}'; GET /v1/videos lists yours.")
+        return job
+
+    def list(self, owner: str, limit: int, before_seq: int | None) -> list[Job]:
+        return self.store.list(owner, limit, before_seq)
+
+    def cancel(self, job_id: str, owner: str) -> Job:
+        job = self.get(job_id, owner)
+        if not self.store.cancel(job.id):
+            done = {"cancelled": "was already cancelled"}.get(
+                job.status, f"has already {job.status}"
+            )
+            raise JobError(409, f"The job {done}, so there is nothing to cancel.")
+        self.changes.notify()  # a running job stops at its next sampling step
+        return self.get(job_id, owner)
+
+    def video(self, job_id: str, owner: str) -> tuple[Job, Path]:
+        job = self.get(job_id, owner)
+        if job.status != "succeeded":
+            hint = "it has none" if job.status in FINISHED else "watch its events until it succeeds"
+            raise JobError(409, f"The video is not ready: the job is {job.status}; {hint}.")
+        path = self.store.video_path(job)
+        if not path.is_file():
+            raise JobError(404, "The video file is missing from the server's data directory.")
+        return job, path
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker threads; with SQLite, first take the data directory (a second
+        server on it is refused) and re-queue the jobs the last process left running."""
+        if self._threads and hasattr(self.store, "lock"):
+            self.store.lock()
+            self.store.recover()
+        self.store.listen(self.changes.notify)
+        for thread in self._threads:
+            thread.start()
+        if self._threads:
+            threading.Thread(target=self._heartbeats, name="t2v-heartbeat", daemon=True).start()
+
+    def drain(self, timeout: float) -> None:
+        """Stop taking jobs, give the running ones `timeout` seconds to finish, then stop."""
+        self._draining.set()
+        self.changes.notify()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self.stop()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop now: running jobs go back to the queue at their next sampling step."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
+        for worker in self.workers:
+            try:
+                self.store.forget_worker(worker.name)
+            except StoreUnavailable:
+                pass
+        if hasattr(self.store, "unlock"):
+            self.store.unlock()
+        self.changes.notify(close=True)
+
+    # --- the workers -------------------------------------------------------------------------
+
+    def _run(self, index: int) -> None:
+        if index == 0:
+            try:
+                self._pipe = self._load()
+            except Exception as e:
+                self.load_error = f"The model could not be loaded: {e}"
+                log.exception("loading the model failed")
+                self.changes.notify(close=True)
+                self.on_fatal()
+                return
+            self._loaded.set()
+            log.info("model loaded; %d jobs queued", self.store.count("queued"))
+        else:
+            while not self._loaded.wait(1.0):
+                if self.load_error or self._stop.is_set():
+                    return
+        worker = Worker(
+            self.store, self._pipe, lease_s=self.lease_s, stop=self._stop, on_change=self._notify
+        )
+        self.workers.append(worker)
+        self._beat(worker)
+        while not (self._stop.is_set() or self._draining.is_set()):
+            self._wake.clear()
+            try:
+                if worker.run_one():
+                    continue
+            except StoreUnavailable:  # e.g. the disk is full: keep serving, try again
+                log.exception("the job store failed")
+            self._wake.wait(timeout=1.0)
+
+    def _notify(self) -> None:
+        self.changes.notify()
+
+    def _beat(self, worker: Worker) -> None:
+        try:
+            worker.heartbeat()
+        except StoreUnavailable:
+            log.warning("the job store is unavailable; the worker's heartbeat is late")
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(min(HEARTBEAT_S, self.lease_s / 3)):
+            for worker in list(self.workers):
+                self._beat(worker)
+
+    def _eta_of_running(self) -> int:
+        job = self.store.running()
+        eta = job.eta_seconds(time.time()) if job else None
+        return max(1, math.ceil(eta)) if eta is not None else 5
+
+
+def _checked(req: JobRequest, blocked_term: Callable[[str], str | None]) -> JobRequest:
+    """The request with prompts normalised as the pipeline will see them, or a 422."""
+    try:
+        prompt = normalize(req.prompt)
+    except PromptError as e:
+        raise JobError(422, str(e)) from None
+    negative = _negative_prompt(req.negative_prompt)
+    for text in (prompt, negative or ""):
+        if term := blocked_term(text):
+            raise JobError(422, f"The prompt contains the blocked term '{term}'; rephrase it.")
+    return replace(req, prompt=prompt, negative_prompt=negative)
+
+
+def _negative_prompt(text: str | None) -> str | None:
+    try:
+        normalize(text or "", max_chars=None)
+    except PromptError:
+        return None  # a negative prompt that normalises to nothing is no negative prompt
+    try:
+        return normalize(text)
+    except PromptError as e:
+        raise JobError(422, str(e).replace("The prompt", "The negative prompt", 1)) from None

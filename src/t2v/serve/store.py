@@ -1,0 +1,604 @@
+"""The state store: jobs, API keys (hashed), idempotency keys, rate-limit counters and live
+workers, behind one interface with two engines.
+
+`SqliteStore` (the default) keeps everything in `<data-dir>/t2v.sqlite3`; one `t2v serve`
+owns a data directory at a time (an exclusive `flock` on `<data-dir>/t2v.lock`).
+`t2v.serve.store_pg.PgStore` (``--db postgresql://...``) is shared by any number of API
+nodes and `t2v worker` processes. Both run the same SQL, written once in `SqlStore` with
+``?`` placeholders and a ``{now}`` for the database's clock (seconds since the epoch).
+
+A job moves queued -> running -> succeeded | failed | cancelled. A worker claims a job with
+a lease (`lease_until`) that it renews while it works; a job whose lease ran out goes back
+to the queue, or is failed once it has been started `MAX_ATTEMPTS` times. A worker records
+the outcome only while the job is still its own (`worker` column), so two workers never
+both finish one job. The schema is versioned (`SCHEMA_VERSION`): each start upgrades an
+older one, and a newer one is refused.
+
+Writes that fail because the disk is full or the database is unreachable raise
+`StoreUnavailable`, a 503 with Retry-After, never a 500.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from t2v.errors import UserError
+
+log = logging.getLogger("t2v.serve")
+
+FINISHED = ("succeeded", "failed", "cancelled")
+MAX_ATTEMPTS = 3
+SCHEMA_VERSION = 2
+_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
+
+
+class JobError(Exception):
+    """A request the service refuses; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+class StoreUnavailable(JobError):
+    """The store cannot be written now (a full disk, an unreachable database): retry later."""
+
+    def __init__(self, message: str, retry_after: int = 30):
+        super().__init__(503, message, retry_after)
+
+
+class KeyNameTaken(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """The generation knobs, named as in `t2v.model.GenerationRequest` (None: the model's
+    default), plus the container and the model to run them on (None: the default model)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    format: str = "mp4"
+    frames: int | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Job(JobRequest):
+    id: str = ""
+    owner: str = ""
+    status: str = "queued"
+    progress: float = 0.0
+    step: int = 0
+    total_steps: int | None = None
+    error: str | None = None
+    attempts: int = 0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    seq: int = 0
+    worker: str | None = None
+
+    def eta_seconds(self, now: float) -> float | None:
+        """Seconds left, extrapolated from the steps done so far (None until one is done)."""
+        if self.status != "running" or not self.step or not self.total_steps:
+            return None
+        elapsed = now - (self.started_at or now)
+        return max(0.0, elapsed * (self.total_steps - self.step) / self.step)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    """A model that at least one live worker serves, as the worker described it."""
+
+    id: str
+    workers: int
+    info: dict
+
+
+def request_hash(req: JobRequest) -> str:
+    return hashlib.sha256(json.dumps(asdict(req), sort_keys=True).encode()).hexdigest()
+
+
+_JOB_COLUMNS = tuple(Job.__dataclass_fields__)
+_REQUEUE = "status = 'queued', step = 0, progress = 0, started_at = NULL, worker = NULL"
+
+
+class SqlStore:
+    """The store's SQL, written once for both engines. A subclass supplies `_tx` (a
+    transaction yielding a function that runs one statement and returns its rows), `NOW`
+    (the database clock as SQL) and `_claim_sql` (the claim, with the engine's row locking)."""
+
+    NOW = ""
+    videos: Path
+
+    # --- the engine -------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator:
+        raise NotImplementedError
+        yield
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("{now}", self.NOW)
+
+    def _rows(self, sql: str, args: tuple = ()) -> list:
+        with self._tx() as run:
+            return run(sql, args)
+
+    def _one(self, sql: str, args: tuple = ()):
+        rows = self._rows(sql, args)
+        return rows[0] if rows else None
+
+    def _job_one(self, sql: str, args: tuple = ()) -> Job | None:
+        row = self._one(sql, args)
+        return _job(row) if row else None
+
+    def _changed(self, run) -> None:
+        """Tell other processes a job changed (PostgreSQL: NOTIFY); inside the transaction."""
+
+    def ping(self) -> bool:
+        """True while the database answers (for /readyz)."""
+        try:
+            self._rows("SELECT 1")
+            return True
+        except StoreUnavailable:
+            return False
+
+    def listen(self, on_change) -> None:
+        """Call `on_change()` whenever another process changes a job (no-op: one process)."""
+
+    def close(self) -> None:
+        pass
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def video_path(self, job: Job) -> Path:
+        """Where a job's video lives: named only by the job's random id, never by a request."""
+        assert _ID.fullmatch(job.id)
+        return self.videos / f"{job.id}.{job.format}"
+
+    def create(self, owner: str, req: JobRequest, idempotency_key: str | None) -> Job:
+        fields = asdict(req)
+        names = ", ".join(fields)
+        with self._tx() as run:
+            row = run(
+                f"INSERT INTO jobs (id, owner, idempotency_key, request_hash, status, {names},"
+                f" created_at) VALUES (?, ?, ?, ?, 'queued', {', '.join('?' * len(fields))},"
+                " {now}) RETURNING *",
+                (secrets.token_urlsafe(16), owner, idempotency_key, request_hash(req))
+                + tuple(fields.values()),
+            )[0]
+            self._changed(run)
+        return _job(row)
+
+    def get(self, job_id: str, owner: str | None) -> Job | None:
+        """The job with this id, if `owner` owns it (None: whoever does)."""
+        if not _ID.fullmatch(job_id):
+            return None
+        if owner is None:
+            return self._job_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return self._job_one("SELECT * FROM jobs WHERE id = ? AND owner = ?", (job_id, owner))
+
+    def by_idempotency_key(self, owner: str, key: str) -> tuple[Job, str] | None:
+        row = self._one("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key))
+        return (_job(row), row["request_hash"]) if row else None
+
+    def list(self, owner: str, limit: int, before_seq: int | None) -> list[Job]:
+        rows = self._rows(
+            "SELECT * FROM jobs WHERE owner = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (owner, before_seq if before_seq is not None else 2**63 - 1, limit),
+        )
+        return [_job(r) for r in rows]
+
+    def count(self, status: str) -> int:
+        return self._one("SELECT COUNT(*) AS n FROM jobs WHERE status = ?", (status,))["n"]
+
+    def status(self, job_id: str) -> str | None:
+        row = self._one("SELECT status FROM jobs WHERE id = ?", (job_id,))
+        return row["status"] if row else None
+
+    def running(self) -> Job | None:
+        return self._job_one("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq LIMIT 1")
+
+    def claim_next(
+        self, worker: str = "local", model: str | None = None, lease_s: float = 3600.0
+    ) -> Job | None:
+        """The oldest queued job for `model` (or naming no model), now running as `worker`'s
+        with a lease of `lease_s` seconds; first, jobs whose lease ran out are re-queued."""
+        with self._tx() as run:
+            self._expire(run)
+            rows = run(self._claim_sql(), (lease_s, worker, model))
+            if rows:
+                self._changed(run)
+        return _job(rows[0]) if rows else None
+
+    def _claim_sql(self) -> str:
+        raise NotImplementedError
+
+    def _expire(self, run) -> None:
+        """Jobs whose worker stopped renewing its lease: back to the queue, or failed."""
+        why = (
+            f"The job was started {MAX_ATTEMPTS} times and its worker stopped each time,"
+            " so it was not retried; try other settings."
+        )
+        failed = run(
+            "UPDATE jobs SET status = 'failed', error = ?, finished_at = {now}, worker = NULL"
+            " WHERE status = 'running' AND lease_until < {now} AND attempts >= ? RETURNING id",
+            (why, MAX_ATTEMPTS),
+        )
+        requeued = run(
+            f"UPDATE jobs SET {_REQUEUE} WHERE status = 'running' AND lease_until < {{now}}"
+            " RETURNING id",
+        )
+        for row in failed:
+            log.warning("job %s failed: its worker stopped during each of its runs", row["id"])
+        for row in requeued:
+            log.warning("job %s: its worker stopped renewing the lease; queued again", row["id"])
+
+    def renew(self, job_id: str, worker: str, lease_s: float) -> bool:
+        """Extend `worker`'s lease on a running job; False when the job is no longer its own."""
+        return self._update(
+            "UPDATE jobs SET lease_until = {now} + ? WHERE id = ? AND worker = ?"
+            " AND status = 'running'",
+            (lease_s, job_id, worker),
+            notify=False,
+        )
+
+    def _update(self, sql: str, args: tuple, notify: bool = True) -> bool:
+        with self._tx() as run:
+            done = bool(run(sql + " RETURNING id", args))
+            if done and notify:
+                self._changed(run)
+        return done
+
+    def set_progress(self, job_id: str, step: int, total: int, worker: str = "local") -> bool:
+        return self._update(
+            "UPDATE jobs SET step = ?, total_steps = ?, progress = ?"
+            " WHERE id = ? AND status = 'running' AND worker = ?",
+            (step, total, step / total, job_id, worker),
+        )
+
+    def finish(
+        self, job_id: str, status: str, error: str | None = None, worker: str = "local"
+    ) -> bool:
+        """Record the outcome of `worker`'s running job; False when it was cancelled or is
+        no longer `worker`'s (its lease ran out and another worker took it)."""
+        progress = ", progress = 1" if status == "succeeded" else ""
+        return self._update(
+            f"UPDATE jobs SET status = ?, error = ?, finished_at = {{now}}, worker = NULL"
+            f"{progress} WHERE id = ? AND status = 'running' AND worker = ?",
+            (status, error, job_id, worker),
+        )
+
+    def requeue(self, job_id: str, count_attempt: bool, worker: str = "local") -> None:
+        self._update(
+            f"UPDATE jobs SET {_REQUEUE}, attempts = attempts - ?"
+            " WHERE id = ? AND status = 'running' AND worker = ?",
+            (0 if count_attempt else 1, job_id, worker),
+        )
+
+    def cancel(self, job_id: str) -> bool:
+        return self._update(
+            "UPDATE jobs SET status = 'cancelled', finished_at = {now}, worker = NULL"
+            " WHERE id = ? AND status IN ('queued', 'running')",
+            (job_id,),
+        )
+
+    def recover(self) -> None:
+        """At start-up of the only server of a data directory: no job is running, so any
+        marked running died with the last process (the shared store uses leases instead)."""
+        with self._tx() as run:
+            run("UPDATE jobs SET lease_until = 0 WHERE status = 'running'")
+            self._expire(run)
+        for leftover in self.videos.glob(".*"):  # Video.save's temporary files start with "."
+            leftover.unlink()
+
+    # --- API keys ----------------------------------------------------------------------------
+
+    def add_key(self, key_id: str, name: str, secret_sha256: str) -> ApiKey:
+        try:
+            self._rows(
+                "INSERT INTO api_keys (id, name, secret_sha256, created_at)"
+                " VALUES (?, ?, ?, {now})",
+                (key_id, name, secret_sha256),
+            )
+        except self._integrity_errors():
+            raise KeyNameTaken(
+                f"An active key named '{name}' exists; revoke it first or pick another name."
+            ) from None
+        return self.key(key_id)
+
+    def _integrity_errors(self) -> tuple[type[Exception], ...]:
+        return (sqlite3.IntegrityError,)
+
+    def keys(self) -> list[ApiKey]:
+        rows = self._rows(
+            "SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY created_at"
+        )
+        return [ApiKey(**dict(r)) for r in rows]
+
+    def key(self, key_id: str) -> ApiKey | None:
+        row = self._one(
+            "SELECT id, name, created_at, revoked_at FROM api_keys WHERE id = ?", (key_id,)
+        )
+        return ApiKey(**dict(row)) if row else None
+
+    def key_hash(self, key_id: str) -> str | None:
+        """The SHA-256 of an active key's secret; None for an unknown or revoked key."""
+        row = self._one(
+            "SELECT secret_sha256 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+        )
+        return row["secret_sha256"] if row else None
+
+    def revoke_key(self, name_or_id: str) -> tuple[ApiKey, int] | None:
+        """Revoke the key with this id, or the active key with this name, and cancel its
+        queued and running jobs (a running one stops at its next step). Returns the key and
+        how many jobs were cancelled; None when no active key matches."""
+        with self._tx() as run:
+            rows = run(
+                "UPDATE api_keys SET revoked_at = {now} WHERE revoked_at IS NULL"
+                " AND (id = ? OR name = ?) RETURNING id",
+                (name_or_id, name_or_id),
+            )
+            if not rows:
+                return None
+            cancelled = run(
+                "UPDATE jobs SET status = 'cancelled', finished_at = {now}, worker = NULL,"
+                " error = 'The API key that made this job was revoked.'"
+                " WHERE owner = ? AND status IN ('queued', 'running') RETURNING id",
+                (rows[0]["id"],),
+            )
+            self._changed(run)
+        return self.key(rows[0]["id"]), len(cancelled)
+
+    # --- rate limits -------------------------------------------------------------------------
+
+    def rate_hit(self, owner: str, per_minute: int) -> float:
+        """Record one request by `owner` unless it is over `per_minute` in the last 60 s;
+        returns 0, or the seconds until the oldest request in the window leaves it."""
+        with self._tx() as run:
+            self._lock_owner(run, owner)
+            run("DELETE FROM rate_events WHERE owner = ? AND at <= {now} - 60", (owner,))
+            rows = run(
+                "SELECT COUNT(*) AS n, MIN(at) + 60 - {now} AS wait FROM rate_events"
+                " WHERE owner = ?",
+                (owner,),
+            )
+            if rows[0]["n"] >= per_minute:
+                return max(float(rows[0]["wait"]), 0.001)
+            run("INSERT INTO rate_events (owner, at) VALUES (?, {now})", (owner,))
+        return 0.0
+
+    def _lock_owner(self, run, owner: str) -> None:
+        """Serialise one owner's rate-limit check (SQLite's write lock already does)."""
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def heartbeat(self, worker: str, model: str, info: dict) -> None:
+        """`worker` is alive and serves `model`, described by `info` (GET /v1/models)."""
+        with self._tx() as run:
+            updated = run(
+                "UPDATE workers SET model = ?, info = ?, seen_at = {now} WHERE id = ? RETURNING id",
+                (model, json.dumps(info), worker),
+            )
+            if not updated:
+                run(
+                    "INSERT INTO workers (id, model, info, seen_at) VALUES (?, ?, ?, {now})",
+                    (worker, model, json.dumps(info)),
+                )
+
+    def forget_worker(self, worker: str) -> None:
+        self._rows("DELETE FROM workers WHERE id = ?", (worker,))
+
+    def live_models(self, within_s: float) -> list[LiveModel]:
+        """The models of the workers seen in the last `within_s` seconds, by name."""
+        rows = self._rows(
+            "SELECT model, COUNT(*) AS n, MAX(info) AS info FROM workers"
+            " WHERE seen_at > {now} - ? GROUP BY model ORDER BY model",
+            (within_s,),
+        )
+        return [LiveModel(r["model"], r["n"], json.loads(r["info"])) for r in rows]
+
+
+def _job(row) -> Job:
+    return Job(**{k: row[k] for k in _JOB_COLUMNS})
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+# Version 1 is the schema before versioning (CREATE ... IF NOT EXISTS: such files upgrade).
+_SQLITE_MIGRATIONS = {
+    1: """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    negative_prompt TEXT,
+    seed INTEGER NOT NULL,
+    steps INTEGER,
+    guidance REAL,
+    format TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    UNIQUE (owner, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys (name) WHERE revoked_at IS NULL;
+""",
+    2: """
+ALTER TABLE jobs ADD COLUMN frames INTEGER;
+ALTER TABLE jobs ADD COLUMN width INTEGER;
+ALTER TABLE jobs ADD COLUMN height INTEGER;
+ALTER TABLE jobs ADD COLUMN fps REAL;
+ALTER TABLE jobs ADD COLUMN model TEXT;
+ALTER TABLE jobs ADD COLUMN worker TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until REAL;
+CREATE TABLE rate_events (owner TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX rate_events_owner ON rate_events (owner, at);
+CREATE TABLE workers (id TEXT PRIMARY KEY, model TEXT NOT NULL, info TEXT NOT NULL,
+    seen_at REAL NOT NULL);
+""",
+}
+# SQLite's clock in seconds since the epoch, with milliseconds (unixepoch() has none).
+_SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_FULL = ("full", "disk i/o", "readonly", "read-only", "unable to open")
+
+
+def too_new(found: int, where: str) -> UserError:
+    return UserError(
+        f"{where} has schema version {found}, newer than this t2v's {SCHEMA_VERSION};"
+        " upgrade t2v on this machine."
+    )
+
+
+class SqliteStore(SqlStore):
+    """The embedded store: one SQLite file in the data directory, one connection, one lock."""
+
+    NOW = _SQLITE_NOW
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.videos = data_dir / "videos"
+        self.videos.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            data_dir / "t2v.sqlite3", check_same_thread=False, isolation_level=None, timeout=10
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the worker's writes
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a killed process
+        self._lock = threading.RLock()
+        self._lock_file = None
+        self._migrate(SCHEMA_VERSION)
+
+    def _migrate(self, target: int) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("CREATE TABLE IF NOT EXISTS t2v_schema (version INTEGER)")
+                row = self._db.execute("SELECT version FROM t2v_schema").fetchone()
+                found = row[0] if row else 0
+                if found > SCHEMA_VERSION:
+                    raise too_new(found, str(self.data_dir / "t2v.sqlite3"))
+                for version in range(found + 1, target + 1):
+                    for statement in _SQLITE_MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                if found < target:
+                    self._db.execute("DELETE FROM t2v_schema")
+                    self._db.execute("INSERT INTO t2v_schema VALUES (?)", (target,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _tx(self) -> Iterator:
+        def run(sql: str, args: tuple = ()) -> list:
+            return self._db.execute(self._sql(sql), args).fetchall()
+
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield run
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if any(word in str(e).lower() for word in _FULL):
+                    raise StoreUnavailable(
+                        f"The server cannot write its job store ({e}); retry in a minute."
+                    ) from e
+                raise
+
+    def _claim_sql(self) -> str:
+        return (
+            "UPDATE jobs SET status = 'running', started_at = {now}, attempts = attempts + 1,"
+            " lease_until = {now} + ?, worker = ?"
+            " WHERE seq = (SELECT MIN(seq) FROM jobs WHERE status = 'queued'"
+            " AND (model IS NULL OR model = ?)) RETURNING *"
+        )
+
+    def lock(self) -> None:
+        """Take the data directory for this process alone; a second server is refused."""
+        if self._lock_file is not None:
+            return
+        handle = open(self.data_dir / "t2v.lock", "a+")  # noqa: SIM115 - held until exit
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(
+                f"Another t2v server is using {self.data_dir}; stop it, or give this one"
+                " another --data-dir (or share a --db postgresql://... between them)."
+            ) from None
+        self._lock_file = handle
+
+    def unlock(self) -> None:
+        """Let the next server have the data directory."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        self.unlock()
+
+
+def open_store(db: str | None, data_dir: Path) -> SqlStore:
+    """The store `--db` names: a postgresql:// URL, or None for the data directory's SQLite."""
+    if db is None:
+        return SqliteStore(data_dir)
+    if not db.startswith(("postgresql://", "postgres://")):
+        raise UserError(f"--db must be a postgresql:// URL, not '{db[:60]}'.")
+    from t2v.serve.store_pg import PgStore
+
+    return PgStore(db, data_dir)
