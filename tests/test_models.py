@@ -468,10 +468,12 @@ def test_unusable_prompts_raise_prompt_error(pipe, prompt, message):
         ({"seed": 1.5}, "seed must be"),
     ],
 )
-def test_out_of_range_settings_raise_value_error(pipe, options, message):
+def test_out_of_range_settings_raise_user_error(pipe, options, message):
+    from t2v.errors import UserError
+
     settings = dict(options)
     seed = settings.pop("seed", 0)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         pipe.generate([PROMPT], [seed], **settings)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from t2v.text import PromptError, Tokenizer, normalize
+from t2v.errors import UserError
+from t2v.text import PromptError, Tokenizer, normalize, normalize_negative
 
 
 def test_nfkc_folds_fullwidth_and_ligatures():
@@ -50,3 +51,26 @@ def test_tokenizer_round_trip_and_unknown_words(tmp_path):
     assert again.encode(["A RED, circle!"], 8) == tok.encode(["a red , circle !"], 8)
     long_ids, _ = tok.encode(["a " * 50], max_len=8)
     assert len(long_ids[0]) == 8
+
+
+@pytest.mark.parametrize("text", ["\ud800", "a red\udfff circle", "\udc80"])
+def test_a_lone_surrogate_is_one_sentence_not_a_crash(text):
+    for check in (normalize, normalize_negative):
+        with pytest.raises(PromptError, match="lone surrogate") as e:
+            check(text)
+        assert "\n" not in str(e.value) and str(e.value).endswith(".")
+        str(e.value).encode("utf-8")  # the message itself is printable and storable
+    with pytest.raises(UserError):
+        normalize("\ud800")
+
+
+@pytest.mark.parametrize("text", [None, "", "   ", "\u200b", "\u200b\u200c\ufeff", "\x00\t"])
+def test_a_negative_prompt_with_nothing_visible_is_no_negative_prompt(text):
+    assert normalize_negative(text) == ""
+
+
+def test_a_negative_prompt_is_normalised_and_capped_like_a_prompt():
+    assert normalize_negative("  a   ｂｌｕｅ\u200b square ") == "a blue square"
+    with pytest.raises(PromptError, match="The negative prompt is 501 characters long"):
+        normalize_negative("b" * 501)
+    assert normalize_negative("b" * 501, max_chars=None) == "b" * 501

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from t2v.errors import UserError
+
 FORMAT_CHOICES = ("mp4", "webm", "gif", "png")
 
 
@@ -96,7 +98,7 @@ def _data_shapes(a) -> None:
     from t2v.shapes import write_dataset
 
     if a.count < 1:
-        raise ValueError("--count must be at least 1.")
+        raise UserError("--count must be at least 1.")
     print(write_dataset(a.out, a.count, a.split, a.seed))
 
 
@@ -104,7 +106,7 @@ def _data_prepare(a) -> None:
     from t2v.data import prepare
 
     if a.videos is None and a.captions is None:
-        raise ValueError("Give --videos DIR, --captions FILE, or both.")
+        raise UserError("Give --videos DIR, --captions FILE, or both.")
     manifest = prepare(
         a.videos,
         a.out,
@@ -271,7 +273,7 @@ def _generate(a) -> None:
     from t2v.generate import generate_batch, generate_one
 
     if (a.prompt is None) == (a.prompts_file is None):
-        raise ValueError("Give either a PROMPT or --prompts-file FILE (with --out-dir).")
+        raise UserError("Give either a PROMPT or --prompts-file FILE (with --out-dir).")
     options = dict(
         negative_prompt=a.negative_prompt,
         steps=a.steps,
@@ -282,7 +284,7 @@ def _generate(a) -> None:
     )
     if a.prompts_file is not None:
         if a.out_dir is None:
-            raise ValueError("--prompts-file needs --out-dir DIR.")
+            raise UserError("--prompts-file needs --out-dir DIR.")
         index = generate_batch(
             a.prompts_file,
             a.out_dir,
@@ -355,30 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is meant for the user (printed without a traceback)."""
-    from t2v.config import ConfigError
-    from t2v.errors import UserError
-    from t2v.text import PromptError
-
-    errors: list[type[BaseException]] = [
-        UserError,
-        ConfigError,
-        PromptError,
-        ValueError,
-        FileNotFoundError,
-    ]
-    for module, name in (
-        ("t2v.video", "VideoError"),
-        ("t2v.data", "DataError"),
-        ("t2v.pipeline", "ModelError"),
-        ("t2v.train", "TrainingError"),
-    ):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -386,11 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("t2v: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001
-        if isinstance(e, user_errors()):
-            print(f"t2v: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as e:  # one sentence for the person; any other exception is a bug
+        print(f"t2v: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

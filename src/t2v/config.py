@@ -15,12 +15,13 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from t2v.errors import UserError
 from t2v.runtime import atomic_write_bytes
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value that does not fit; the message names it and what would."""
 
 
@@ -128,7 +129,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{cls.__name__}: {e}.") from None
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as e:  # a value out of range is the config's fault: one sentence
+            raise ConfigError(str(e)) from None
     return obj
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from t2v.errors import UserError
 from t2v.text import PromptError, normalize
 from t2v.video import VideoError, read_video, to_model_tensor, to_uint8_clips  # noqa: F401
 
@@ -43,7 +44,7 @@ CAPTION_COLUMNS = ("caption", "text", "name")
 EVAL_CLIPS = 240  # size of the fixed Moving Shapes evaluation list ("shapes:eval")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Data that cannot be prepared or used; the message says what to do in one sentence."""
 
 
@@ -71,7 +72,7 @@ class PrepareConfig:
             and self.shard_max_mb > 0
             and 0 <= self.max_failure_fraction <= 1
         ):
-            raise ValueError(
+            raise DataError(
                 "Need frames >= 1, a positive size, fps > 0, shard_max_mb > 0 and "
                 f"0 <= max_failure_fraction <= 1, not {self}."
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from t2v.errors import UserError
 from t2v.reader import analyse, clip_features, frechet_distance, read_clip
 from t2v.shapes import FPS, ClipSpec, eval_specs, render
 
@@ -222,7 +223,7 @@ def evaluate(
     from tqdm import tqdm
 
     if count < len(GROUPS):
-        raise ValueError(f"count must be at least {len(GROUPS)} (one clip per group), not {count}.")
+        raise UserError(f"count must be at least {len(GROUPS)} (one clip per group), not {count}.")
     generate = getattr(pipe_or_generate_fn, "generate", pipe_or_generate_fn)
     clips = eval_set(count, seed)
     shown = {i for g in GROUPS for i in [c.index for c in clips if c.group == g][:2]}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from t2v.errors import UserError
 from t2v.outputs import check_dir, writing_dir
 from t2v.pipeline import DEFAULT_MODEL_DIR, TextToVideoPipeline
 from t2v.text import PromptError
@@ -84,11 +85,15 @@ def generate_batch(
 ) -> Path:
     """Line i of the file becomes DIR/{i:04d}.{format} with seed + i. A bad line is recorded
     with its error in DIR/index.jsonl and the other lines are still generated."""
-    lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise UserError(f"Cannot read the prompts file {prompts_file} ({reason}).") from None
     if not lines:
-        raise ValueError(f"{prompts_file} holds no prompts; write one prompt per line.")
+        raise UserError(f"{prompts_file} holds no prompts; write one prompt per line.")
     if batch_size < 1:
-        raise ValueError("--batch-size must be at least 1.")
+        raise UserError("--batch-size must be at least 1.")
     fmt = format or "mp4"
     out_dir = Path(out_dir)
     check_dir(out_dir, BATCH)

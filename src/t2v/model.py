@@ -154,23 +154,10 @@ class Knobs:
 
     def negative(self, text: str | None) -> str:
         """The negative prompt normalised; empty, blank or invisible-only text means none
-        (""), on every path, so the CLI and the server agree."""
-        from t2v.text import PromptError, normalize
+        (""): `t2v.text.normalize_negative`, the one rule for every path."""
+        from t2v.text import normalize_negative
 
-        if text is None:
-            return ""
-        if not isinstance(text, str):
-            raise UserError(f"The negative prompt must be text, not {type(text).__name__}.")
-        try:
-            text = normalize(text, None)
-        except PromptError:  # nothing visible left: no negative prompt
-            return ""
-        if len(text) > self.max_prompt_chars:
-            raise UserError(
-                f"The negative prompt is {len(text)} characters long; the limit is "
-                f"{self.max_prompt_chars}, so shorten it."
-            )
-        return text
+        return normalize_negative(text, self.max_prompt_chars)
 
 
 def _or(value, default):

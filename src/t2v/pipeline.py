@@ -48,7 +48,7 @@ from t2v.runtime import (
     resolve_device,
 )
 from t2v.sampling import SAMPLERS
-from t2v.text import PromptError, Tokenizer, normalize
+from t2v.text import PromptError, Tokenizer, normalize, normalize_negative
 from t2v.video import Video, to_model_tensor, to_uint8_clips
 
 __all__ = ["DEFAULT_MODEL_DIR", "MAX_GUIDANCE", "MAX_STEPS", "ModelError", "PipelineConfig"]
@@ -261,9 +261,9 @@ class TextToVideoPipeline:
         steps = self.config.steps if steps is None else steps
         guidance = self.config.guidance if guidance is None else guidance
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}.")
+            raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}.")
         if not 0 <= float(guidance) <= MAX_GUIDANCE:
-            raise ValueError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, not {guidance!r}.")
+            raise UserError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, not {guidance!r}.")
         return steps, float(guidance)
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
@@ -271,7 +271,7 @@ class TextToVideoPipeline:
         shape = self.autoencoder.config.latent_shape
         for s in seeds:
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32:
-                raise ValueError(f"seed must be a whole number from 0 to 2**32 - 1, not {s!r}.")
+                raise UserError(f"seed must be a whole number from 0 to 2**32 - 1, not {s!r}.")
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         return torch.stack(noise).to(self.device)  # (B, C, T, H, W)
 
@@ -292,7 +292,7 @@ class TextToVideoPipeline:
             raise ValueError("Give exactly one seed per prompt.")
         prompts = [self.check_prompt(p) for p in prompts]
         negatives = [
-            normalize(n, self.config.max_prompt_chars) if n and n.strip() else ""
+            normalize_negative(n, self.config.max_prompt_chars)
             for n in (negative_prompts or [""] * len(prompts))
         ]
         steps, guidance = self._check_params(steps, guidance)

@@ -7,6 +7,8 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
+from t2v.errors import UserError
+
 DEFAULT_MAX_CHARS = 500
 
 # Zero-width and invisible formatting characters that NFKC keeps but a reader never sees.
@@ -17,29 +19,55 @@ _INVISIBLE = dict.fromkeys(
 _SPACE = re.compile(r"\s+")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt that cannot be used; the message is one sentence a user can act on."""
+
+
+def _clean(text: str, what: str) -> str:
+    """NFKC, control and zero-width characters out, whitespace collapsed; may be empty."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what} must be text, not {type(text).__name__}.")
+    if bad := next((c for c in text if "\ud800" <= c <= "\udfff"), None):
+        # A lone surrogate (e.g. from a mis-decoded "\ud800" escape) is no character at
+        # all: no tokenizer, database or terminal can take it.
+        raise PromptError(
+            f"{what} holds U+{ord(bad):04X}, a lone surrogate that is not a character; "
+            "remove it or send the text as valid UTF-8."
+        )
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    # Control characters (Cc) and other format characters (Cf) become spaces so that
+    # "red\x00circle" still reads as two words.
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def _capped(text: str, max_chars: int | None, what: str) -> str:
+    if max_chars is not None and len(text) > max_chars:
+        raise PromptError(
+            f"{what} is {len(text)} characters long; the limit is {max_chars}, so shorten it."
+        )
+    return text
 
 
 def normalize(text: str, max_chars: int | None = DEFAULT_MAX_CHARS) -> str:
     """NFKC, drop control and zero-width characters, collapse whitespace, enforce the cap.
 
-    Raises PromptError when the result is empty or longer than ``max_chars``.
+    Raises PromptError when the result is empty or longer than ``max_chars``, or when the
+    text holds a lone surrogate.
     """
-    if not isinstance(text, str):
-        raise PromptError(f"The prompt must be text, not {type(text).__name__}.")
-    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
-    # Control characters (Cc) and other format characters (Cf) become spaces so that
-    # "red\x00circle" still reads as two words.
-    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
-    text = _SPACE.sub(" ", text).strip()
+    text = _clean(text, "The prompt")
     if not text:
         raise PromptError("The prompt is empty; describe the video you want, e.g. 'a red circle'.")
-    if max_chars is not None and len(text) > max_chars:
-        raise PromptError(
-            f"The prompt is {len(text)} characters long; the limit is {max_chars}, so shorten it."
-        )
-    return text
+    return _capped(text, max_chars, "The prompt")
+
+
+def normalize_negative(text: str | None, max_chars: int | None = DEFAULT_MAX_CHARS) -> str:
+    """The negative prompt, normalised as `normalize` does; nothing visible (None, empty,
+    blank or only zero-width characters) means no negative prompt, "". The one rule for
+    the CLI, the Python API and the server."""
+    if text is None:
+        return ""
+    return _capped(_clean(text, "The negative prompt"), max_chars, "The negative prompt")
 
 
 # --- tokenizer -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import nn
 from t2v import config as cfg
 from t2v import shapes
 from t2v.data import open_source, to_model_tensor, to_uint8_clips
+from t2v.errors import UserError
 from t2v.flow import flow_loss, sample_t
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder, psnr
 from t2v.models.generator import GeneratorConfig, LatentGenerator
@@ -51,7 +52,7 @@ SAMPLE_PROMPTS = (
 )
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on; the message says why in one sentence."""
 
 

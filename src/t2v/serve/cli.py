@@ -1,7 +1,7 @@
 """`t2v serve` (the web app and REST API) and `t2v keys` (its API keys).
 
 `register_cli(subparsers)` adds both commands to an argparse subparsers object; each parser
-sets `func`, and `args.func(args)` runs the command; a ValueError carries a one-sentence
+sets `func`, and `args.func(args)` runs the command; a `UserError` carries a one-sentence
 message for the user (`t2v.cli.main` prints it and exits with status 2). Nothing heavy
 (FastAPI, torch) is imported until a command runs, so `--help` stays fast.
 """
@@ -13,6 +13,8 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
+
+from t2v.errors import UserError
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "t2v"
 
@@ -158,16 +160,16 @@ def _is_loopback(host: str) -> bool:
 
 def _serve(args: argparse.Namespace) -> None:
     if not args.auth and not _is_loopback(args.host):
-        raise ValueError(
+        raise UserError(
             f"Refusing to serve on {args.host} without --auth; add --auth (keys come "
             "from `t2v keys create`) or listen on 127.0.0.1."
         )
     if args.model is not None and not args.model.is_dir():
-        raise ValueError(f"The model directory {args.model} does not exist; check --model.")
+        raise UserError(f"The model directory {args.model} does not exist; check --model.")
     if not args.blocklist.is_file():
-        raise ValueError(f"The blocklist {args.blocklist} does not exist; check --blocklist.")
+        raise UserError(f"The blocklist {args.blocklist} does not exist; check --blocklist.")
     if args.queue_size < 1 or args.rate_limit < 0 or args.drain_timeout < 0:
-        raise ValueError(
+        raise UserError(
             "--queue-size must be at least 1, --rate-limit and --drain-timeout at least 0."
         )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
@@ -274,6 +276,6 @@ def _run(config) -> None:
     )
     server.run()
     if failed.is_set():
-        raise ValueError(app.state.queue.load_error)
+        raise UserError(app.state.queue.load_error)
     if not server.started:
-        raise ValueError("The server did not start; the log above says why.")
+        raise UserError("The server did not start; the log above says why.")

@@ -4,27 +4,29 @@ Prompt and blocklist go through the same two steps.
 
 1. `fold`, per code point: default-ignorable code points (zero-width characters, soft hyphen,
    variation selectors, Hangul fillers, tag characters: the Unicode property, not a hand-picked
-   list) and combining marks vanish; control characters become spaces; every other letter,
-   digit or symbol is decomposed (NFKD: fullwidth, mathematical and circled forms) and mapped
-   to Latin by its UTS #39 confusables prototype, so "Μ" (Greek), "М" (Cyrillic), "ı", "ᴄ",
-   "ɑ", "Ꮯ", "ⲥ", "օ", "һ", "г" and "ø" become "m m i c a c c o h r o"; what that data leaves
-   non-Latin (small capitals such as "ᴀ", enclosed letters "🅒", regional indicators "🇨") is
-   transliterated by anyascii. Then casefold.
-2. Tokens: the folded text is split into runs of letters and digits ("@", "$" count as
-   letters, and "|", "!", "+" do between two of them). Each token has a few canonical forms:
-   leetspeak folded ("p0rn" -> "porn", "c5am" -> "csam", "@" -> "a"), with digits before or
-   after the letters dropped ("csam1"), with "rn" read as "m" (the one multi-letter ASCII
-   look-alike in UTS #39), and stemmed ("films" -> "film"), with "l" and "i" merged (both
-   are written "1" and "|").
+   list) vanish; control characters become spaces; a code point whose UTS #39 confusables
+   prototype is Latin becomes that prototype, so "Μ" (Greek), "М" (Cyrillic), "ı", "ᴄ", "ɑ",
+   "Ꮯ", "ⲥ", "օ", "һ", "г" and "ø" become "m m i c a c c o h r o"; any other is decomposed
+   (NFKD: fullwidth, mathematical, circled and accented forms), loses its marks, and what is
+   still not Latin (small capitals such as "ᴀ", enclosed letters "🅒", regional indicators
+   "🇨") is transliterated by anyascii. Then casefold.
+2. Tokens: the folded text is split into runs of letters and digits ("@" and "$" count as
+   letters) and the symbols "|", "!", "+", each read as a letter ("ch!ld") or as nothing
+   ("child | porn"). Each token has a few canonical forms: leetspeak folded ("p0rn" -> "porn",
+   "c5am" -> "csam", "@" -> "a"), with digits before or after the letters dropped ("csam1"),
+   with "rn" read as "m" (the one multi-letter ASCII look-alike in UTS #39), and stemmed
+   ("films" -> "film"), with "l" and "i" merged (both are written "1" and "|").
 
 A term matches when one of its canonical forms equals the concatenation of canonical forms
 of one or more *consecutive whole tokens*. So "b a d", "b.a.d", "ｂａｄ" and "b\u200bad" all
 match the term "bad", while "badge" or "sinbad" do not (matches start and end on word
 boundaries), and "child abuse" matches "childabuse", "child  abuse" and "children abused".
+The price of spacing resistance: real words that spell a term together ("lol icon") match too.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import unicodedata
@@ -37,9 +39,9 @@ from anyascii import anyascii
 DEFAULT_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
 
 _IGNORABLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
-_TOKEN = re.compile(r"(?:[^\W_]|[@$])+(?:[|!+](?:[^\W_]|[@$])+)*")
+_TOKEN = re.compile(r"(?:[^\W_]|[@$])+|[|!+]")  # words; "|!+" are letters or nothing
 _LEET = str.maketrans("0123456789@$|!+", "oizeasgtbgasiit")
-_DIGITS = re.compile(r"^(\d*)(.*?)(\d*)$", re.DOTALL)
+_DIGITS = re.compile(r"^(\d*)(.*?)(\d*)$")
 # Suffixes a stem loses (longest first); "ies" becomes "y". Enough for plurals and the usual
 # verb forms of the nouns a blocklist holds; a stem keeps at least three letters.
 _SUFFIXES = ("ingly", "ings", "ing", "edly", "ed", "ers", "er", "ies", "es", "ly", "s")
@@ -60,8 +62,12 @@ def _confusables() -> dict[str, str]:
     return table
 
 
+def _is_mark(c: str) -> bool:
+    return unicodedata.category(c)[0] == "M"
+
+
 def _unmarked(text: str) -> str:
-    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not _is_mark(c))
 
 
 _PROTOTYPES = _confusables()
@@ -74,34 +80,37 @@ _ASCII_LOOKALIKES = {
 }
 
 
-def _latin(c: str) -> str:
-    """One decomposed, unmarked code point as ASCII letters or digits, or "" if none fits."""
-    if c.isascii():
-        return c
+def _prototype(c: str) -> str:
+    """The UTS #39 prototype of a non-ASCII code point if it is ASCII letters or digits, else ""."""
     proto = _unmarked(_PROTOTYPES.get(c, ""))
-    if proto.isascii() and proto.isalnum():  # the look-alike comes first: "г" is "r", not "g"
-        return proto
-    translit = anyascii(c)  # rejects emoji names such as ":smile:" (not alphanumeric)
-    return translit if translit.isascii() and translit.isalnum() else ""
+    return proto if not c.isascii() and proto.isascii() and proto.isalnum() else ""
 
 
 def _fold_char(c: str) -> str:
-    if _IGNORABLE.match(c) or unicodedata.combining(c):
+    if _IGNORABLE.match(c):
         return ""
     category = unicodedata.category(c)
     if category == "Cc" or category[0] == "Z":
         return " "
+    # The look-alike comes first, for the code point as written: "г" is "r", not "g", and
+    # marks and punctuation that pass for letters ("ం" for "o", "׀" for "l") count as them.
+    if proto := _prototype(c):
+        return proto.casefold()
+    if category[0] == "M":
+        return ""
     if category[0] not in "LNS":  # punctuation separates words as it is
         return c.casefold()
     out = []
-    for d in unicodedata.normalize("NFKD", c):
-        if _IGNORABLE.match(d) or unicodedata.combining(d):
+    for d in unicodedata.normalize("NFKD", c):  # fullwidth, circled, mathematical, accented
+        if _is_mark(d) or _IGNORABLE.match(d):
             continue
-        if unicodedata.category(d)[0] in "LNS":
-            latin = _latin(d)
-            out.append(latin or (d if d.isalnum() else " "))
-        else:
-            out.append(d)
+        latin = d if d.isascii() else _prototype(d)
+        if not latin and unicodedata.category(d)[0] in "LNS":
+            # What the data leaves non-Latin (small capitals, enclosed letters, regional
+            # indicators) is transliterated; emoji names such as ":smile:" are refused.
+            translit = anyascii(d)
+            latin = translit if translit.isascii() and translit.isalnum() else ""
+        out.append(latin or (d if d.isalnum() else " "))
     return "".join(out).casefold()
 
 
@@ -139,15 +148,18 @@ def _canonical(token: str) -> tuple[str, str]:
     return plain.replace("l", "i"), _stem(plain).replace("l", "i")
 
 
-def _variants(token: str) -> set[str]:
+@functools.lru_cache(maxsize=8192)  # prompts share most of their words
+def _variants(token: str) -> frozenset[str]:
     """Every canonical form of a prompt token (see the module docstring)."""
+    if token in "|!+":  # "ch!ld", "sexua|" and "c+s+a+m", but also "child | porn"
+        return frozenset((token.translate(_LEET), ""))
     lead, core, trail = _DIGITS.match(token).groups()
     bases = {token, core, lead + core, core + trail} if core else {token}
     for base in list(bases):
         for proto, src in _ASCII_LOOKALIKES.items():
             if proto in base:
                 bases.add(base.replace(proto, src))
-    return {form for base in bases if base for form in _canonical(base)}
+    return frozenset(form for base in bases if base for form in _canonical(base))
 
 
 class ContentFilter:
@@ -177,6 +189,9 @@ class ContentFilter:
         if not self._terms:
             return None
         tokens = [_variants(t) for t in _TOKEN.findall(fold(prompt))]
+        # Depth-first over (text matched so far, next token); a state reached twice, by
+        # another start or another reading of a token, has nothing new to find.
+        seen: set[tuple[str, int]] = set()
         for start in range(len(tokens)):
             stack = [("", start)]
             while stack:
@@ -185,6 +200,8 @@ class ContentFilter:
                     grown = joined + form
                     if grown in self._terms:
                         return self._terms[grown]
-                    if grown in self._prefixes and i + 1 < len(tokens):
-                        stack.append((grown, i + 1))
+                    state = (grown, i + 1)
+                    if grown in self._prefixes and i + 1 < len(tokens) and state not in seen:
+                        seen.add(state)
+                        stack.append(state)
         return None
