@@ -24,17 +24,17 @@ from t2v.pipeline import TextToVideoPipeline
 
 delay = float(sys.argv[1])
 if delay > 0:
-    call = TextToVideoPipeline.__call__
+    generate = TextToVideoPipeline.generate
 
-    def slow_call(self, prompt, *, callback=None, **knobs):
-        def slow_callback(step, total):
+    def slow_generate(self, requests, *args, progress=None, **knobs):
+        def slow_progress(step, total):
             time.sleep(delay)
-            if callback is not None:
-                callback(step, total)
+            if progress is not None:
+                progress(step, total)
 
-        return call(self, prompt, callback=slow_callback, **knobs)
+        return generate(self, requests, *args, progress=slow_progress, **knobs)
 
-    TextToVideoPipeline.__call__ = slow_call
+    TextToVideoPipeline.generate = slow_generate
 sys.exit(main(sys.argv[2:]))
 """
 
