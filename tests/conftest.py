@@ -67,3 +67,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tmp_path_factory):
+    """Tiny random-weight diffusers folders: {"wan": Path, "ltx": Path, "cogvideox": Path}
+    (built by tests/tiny_diffusers.py in about 5 s; each generates in under a second)."""
+    from tiny_diffusers import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny-diffusers"))
