@@ -12,6 +12,7 @@ import pytest
 import regex
 
 from t2v.serve.filter import DEFAULT_BLOCKLIST, ContentFilter, fold
+from t2v.text import normalize
 
 DATA = Path(__file__).with_name("data")
 
@@ -47,8 +48,15 @@ def test_filter_catches_every_evasion(content_filter, kind, prompt):
     assert content_filter.blocked_term(prompt) is not None, (kind, prompt)
 
 
+def test_filter_catches_every_evasion_after_the_servers_prompt_normalisation(content_filter):
+    """The server filters the prompt as t2v.text.normalize leaves it (NFKC, Cf as spaces)."""
+    missed = [p for _, p in evasions() if content_filter.blocked_term(normalize(p)) is None]
+    assert missed == []
+
+
 def test_filter_passes_every_benign_prompt(content_filter):
-    blocked = [(p, content_filter.blocked_term(p)) for p in benign_prompts()]
+    prompts = benign_prompts() + [normalize(p) for p in benign_prompts()]
+    blocked = [(p, content_filter.blocked_term(p)) for p in prompts]
     assert [b for b in blocked if b[1] is not None] == []
 
 
