@@ -134,7 +134,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         except ConfigError:
             raise
         except ValueError as e:  # a value out of range is the config's fault: one sentence
-            raise ConfigError(str(e)) from None
+            raise ConfigError(str(e).rstrip(".") + ".") from None
     return obj
 
 
