@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from t2v import video
 from t2v.cli import main
@@ -202,3 +203,87 @@ def test_a_bug_keeps_its_traceback(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(t2v.generate, "check_video_output", broken)
     with pytest.raises(ValueError, match="invariant"):
         main(["generate", PROMPT, "--model", str(tiny_model_dir), "-o", str(tmp_path / "c.mp4")])
+
+
+# --- the knobs: the model's names, defaults and limits -------------------------------------
+
+
+def test_generate_takes_every_knob_of_the_python_api_by_the_same_name():
+    import argparse
+    import dataclasses
+
+    from t2v.cli import build_parser
+    from t2v.model import GenerationRequest
+
+    generate = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices["generate"]
+    dests = {a.dest for a in generate._actions}
+    assert {f.name for f in dataclasses.fields(GenerationRequest)} <= dests
+    assert {"format", "device", "precision", "offload", "model"} <= dests
+
+
+def test_knob_help_is_read_from_the_models_knobs(monkeypatch):
+    import dataclasses
+
+    import t2v.backends
+    from t2v.cli import build_parser
+    from t2v.model import IntRange
+
+    bundled = t2v.backends.read_knobs(None)
+
+    def help_text() -> str:
+        import io
+        from contextlib import redirect_stdout
+
+        out = io.StringIO()
+        with redirect_stdout(out), pytest.raises(SystemExit):
+            build_parser().parse_args(["generate", "--help"])
+        return " ".join(out.getvalue().split())
+
+    shown = help_text()
+    assert f"the bundled model's is {bundled.steps.default}, from 1 to 100" in shown
+    assert f"the bundled model takes only {bundled.frames.default}" in shown
+    wan_like = dataclasses.replace(bundled, frames=IntRange(33, 5, 81, multiple=4, offset=1))
+    monkeypatch.setattr(t2v.backends, "read_knobs", lambda path=None: wan_like)
+    shown = help_text()
+    assert "frames per clip (default: the model's; the bundled model's is 33, from 5 to 81" in shown
+    assert "of the form 4k+1)" in shown
+
+
+def test_knob_values_reach_the_video(tmp_path, tiny_model_dir):
+    import av
+
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", PROMPT, "--model", tiny_model_dir, "--steps", 1, "-o", out]
+    assert main([str(a) for a in [*argv, "--fps", 12, "--frames", 16, "--width", 64]]) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == 12 and stream.frames == 16 and stream.width == 64
+
+
+def test_a_number_the_model_cannot_take_is_refused_before_loading(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    import t2v.generate
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a request it cannot take")
+
+    monkeypatch.setattr(t2v.generate, "load_model", never)
+    argv = ["generate", PROMPT, "--model", tiny_model_dir, "-o", tmp_path / "c.mp4"]
+    refused(capsys, [*argv, "--frames", 17], "which takes only 16")
+    refused(capsys, [*argv, "--steps", 500], "steps must be a whole number from 1 to 100")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [(["--offload", "model", "--device", "cpu"], "needs --device cuda")]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no usable")]),
+)
+def test_device_options_the_machine_cannot_meet_are_one_sentence(
+    tmp_path, tiny_model_dir, capsys, option, words
+):
+    argv = ["generate", PROMPT, "--model", tiny_model_dir, "-o", tmp_path / "c.mp4", *option]
+    refused(capsys, argv, words)

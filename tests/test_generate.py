@@ -197,7 +197,20 @@ def test_batch_line_i_is_the_clip_of_its_prompt_with_seed_plus_i(tmp_path, tiny_
         ([PROMPT, "--steps", "0"], "steps must be a whole number from 1 to 100, not 0."),
         ([PROMPT, "--steps", "101"], "steps must be a whole number from 1 to 100, not 101."),
         ([PROMPT, "--guidance", "25"], "guidance must be from 0 to 20, not 25.0."),
-        ([PROMPT, "--seed", "-1"], "seed must be a whole number from 0 to 2**32 - 1, not -1."),
+        ([PROMPT, "--seed", "-1"], "seed must be a whole number from 0 to 4294967295, not -1."),
+        (
+            [PROMPT, "--frames", "17"],
+            "frames 17 is not possible for this model, which takes only 16.",
+        ),
+        (
+            [PROMPT, "--width", "65"],
+            "width 65 is not possible for this model, which takes only 64.",
+        ),
+        (
+            [PROMPT, "--height", "32"],
+            "height 32 is not possible for this model, which takes only 64.",
+        ),
+        ([PROMPT, "--fps", "0"], "fps must be from 1 to 60, not 0.0."),
     ],
 )
 def test_a_bad_request_exits_2_with_one_sentence(tmp_path, tiny_model_dir, capsys, argv, message):

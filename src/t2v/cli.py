@@ -2,7 +2,7 @@
 
 Heavy imports (torch, av) happen inside the handlers so that `t2v --help` is instant.
 Knob names match the Python API and the web API: prompt, negative_prompt, seed, steps,
-guidance, format.
+guidance, frames, width, height, fps, format; their defaults and limits are the model's.
 """
 
 from __future__ import annotations
@@ -16,12 +16,32 @@ from t2v.errors import UserError
 FORMAT_CHOICES = ("mp4", "webm", "gif", "png")
 
 
+KNOB = "{knob}"  # in a help text: the option's default and limits in the bundled model
+
+
+def _knob_help(name: str) -> str:
+    """What --help says of a knob: the bundled model's default and limits, from its Knobs."""
+    from t2v.backends import read_knobs
+    from t2v.model import IntRange
+
+    r = getattr(read_knobs(None), name)
+    if isinstance(r, IntRange) and r.fixed:
+        return f"default: the model's; the bundled model takes only {r.default}"
+    rule = f", of the form {r.multiple}k+{r.offset}" if getattr(r, "multiple", 1) > 1 else ""
+    return (
+        f"default: the model's; the bundled model's is {r.default:g}, "
+        f"from {r.lo:g} to {r.hi:g}{rule}"
+    )
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Adds "(default: X)" to an option's help, unless the help already names its default or
-    the default is only "not given" (None, False, an empty list)."""
+    the default is only "not given" (None, False, an empty list); fills in KNOB."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, default = action.help or "", action.default
+        if KNOB in text:
+            text = text.replace(KNOB, _knob_help(action.dest))
         unset = default is None or default is False or default == [] or default == "==SUPPRESS=="
         if "default" in text or unset:
             return text
@@ -219,6 +239,8 @@ def _export(a) -> None:
 
 
 def _add_generate(sub) -> None:
+    from t2v.runtime import DEVICES, OFFLOADS, PRECISIONS  # no torch: --help stays instant
+
     p = _parser(sub, "generate", "Generate a video from a prompt (or a file of prompts).")
     p.add_argument("prompt", nargs="?", help="what the video should show")
     p.add_argument(
@@ -240,14 +262,17 @@ def _add_generate(sub) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="random seed (batch mode: line i uses seed + i)"
     )
+    # The knobs' defaults and limits are the model's (t2v.model.Knobs); KNOB in a help text
+    # becomes the bundled model's, read from its JSON files only when help is shown.
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps ({KNOB})")
     p.add_argument(
-        "--steps", type=int, default=None, help="sampling steps, 1-100 (default: the model's)"
+        "--guidance", type=float, default=None, help=f"classifier-free guidance scale ({KNOB})"
     )
+    p.add_argument("--frames", type=int, default=None, help=f"frames per clip ({KNOB})")
+    p.add_argument("--width", type=int, default=None, help=f"frame width in pixels ({KNOB})")
+    p.add_argument("--height", type=int, default=None, help=f"frame height in pixels ({KNOB})")
     p.add_argument(
-        "--guidance",
-        type=float,
-        default=None,
-        help="classifier-free guidance scale, 0-20 (default: the model's)",
+        "--fps", type=float, default=None, help=f"frames per second of the video ({KNOB})"
     )
     p.add_argument(
         "--format",
@@ -259,11 +284,27 @@ def _add_generate(sub) -> None:
         "--model",
         type=Path,
         default=None,
-        help="model folder (default: the bundled Moving Shapes model)",
+        help="a t2v model folder, or a diffusers text-to-video folder (one with"
+        " model_index.json); default: the bundled Moving Shapes model",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     p.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32", help="arithmetic for generation"
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where to run; auto: a GPU if there is one",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="arithmetic for generation: bf16 and fp16 are faster on a GPU and use less memory",
+    )
+    p.add_argument(
+        "--offload",
+        choices=OFFLOADS,
+        default="none",
+        help="GPU only: keep a large model's weights on the CPU until each part runs (model),"
+        " or each layer (sequential: least memory, slowest)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="batch mode: clips per batch")
     p.set_defaults(func=_generate)
@@ -271,31 +312,32 @@ def _add_generate(sub) -> None:
 
 def _generate(a) -> None:
     from t2v.generate import generate_batch, generate_one
+    from t2v.model import GenerationRequest
 
     if (a.prompt is None) == (a.prompts_file is None):
         raise UserError("Give either a PROMPT or --prompts-file FILE (with --out-dir).")
-    options = dict(
+    request = GenerationRequest(
+        prompt=a.prompt or "",
         negative_prompt=a.negative_prompt,
+        seed=a.seed,
         steps=a.steps,
         guidance=a.guidance,
-        model=a.model,
-        device=a.device,
-        precision=a.precision,
+        frames=a.frames,
+        width=a.width,
+        height=a.height,
+        fps=a.fps,
+    )
+    options = dict(
+        format=a.format, model=a.model, device=a.device, precision=a.precision, offload=a.offload
     )
     if a.prompts_file is not None:
         if a.out_dir is None:
             raise UserError("--prompts-file needs --out-dir DIR.")
-        index = generate_batch(
-            a.prompts_file,
-            a.out_dir,
-            seed=a.seed,
-            format=a.format,
-            batch_size=a.batch_size,
-            **options,
+        print(
+            generate_batch(a.prompts_file, a.out_dir, request, batch_size=a.batch_size, **options)
         )
-        print(index)
     else:
-        print(generate_one(a.prompt, a.output, seed=a.seed, format=a.format, **options))
+        print(generate_one(request, a.output, **options))
 
 
 # --- eval ----------------------------------------------------------------------------------

@@ -1,68 +1,69 @@
-"""`t2v generate`: one prompt to one file, or a prompts file to a folder with index.jsonl."""
+"""`t2v generate`: one prompt to one file, or a prompts file to a folder with index.jsonl.
+
+Both talk to a model only through `t2v.model.VideoModel` (`t2v.backends.load_model`), so
+a t2v model folder and a diffusers one behave alike. Every path is checked (`t2v.outputs`)
+and every number against the model's knobs before the weights load, so a mistake costs
+no minutes of loading.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from t2v.backends import load_model, read_knobs
 from t2v.errors import UserError
+from t2v.model import SEED, GenerationRequest, Knobs
 from t2v.outputs import check_dir, writing_dir
-from t2v.pipeline import DEFAULT_MODEL_DIR, TextToVideoPipeline
-from t2v.text import PromptError
-from t2v.video import Video, check_video_output
+from t2v.video import check_video_output
 
 BATCH = "generated batch"  # the kind of folder `--out-dir` writes (see t2v.outputs)
-
-
-def load_pipeline(
-    model: str | Path | None, device: str = "auto", precision: str = "fp32"
-) -> TextToVideoPipeline:
-    return TextToVideoPipeline.from_pretrained(
-        model or DEFAULT_MODEL_DIR, device=device, precision=precision
-    )
+NUMBERS = ("steps", "guidance", "frames", "width", "height", "fps")
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "video"
 
 
+def _check_numbers(knobs: Knobs, request: GenerationRequest) -> None:
+    """Refuse a number the model cannot take, naming the nearest it can, before loading.
+    The prompts are left to the model, which normalises them once, as it generates."""
+    SEED.check("seed", request.seed)
+    for name in NUMBERS:
+        if (value := getattr(request, name)) is not None:
+            getattr(knobs, name).check(name, value)
+
+
 def generate_one(
-    prompt: str,
+    request: GenerationRequest,
     output: str | Path | None = None,
     *,
-    seed: int = 0,
     format: str | None = None,
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
     model: str | Path | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    offload: str = "none",
 ) -> Path:
-    """Generate one clip and write it; returns the path written."""
+    """Generate one clip with a progress bar and write it; returns the path written."""
     if output is None:  # PNG frames go to a folder, named without a suffix
-        output = Path("out") / (_slug(prompt) + ("" if format == "png" else f".{format or 'mp4'}"))
-    fmt = check_video_output(output, format)  # refuse a path we would not write, before any work
-    pipe = load_pipeline(model, device, precision)
-    bars: list[tqdm] = []  # opened at the first step, so a bad input fails before a bar shows
+        name = _slug(request.prompt) if isinstance(request.prompt, str) else "video"
+        output = Path("out") / (name + ("" if format == "png" else f".{format or 'mp4'}"))
+    fmt = check_video_output(output, format)  # refuse a path we would not write, before work
+    _check_numbers(read_knobs(model), request)
+    video_model = load_model(model, device=device, precision=precision, offload=offload)
+    bars: list[tqdm] = []  # opened at the first step, so a bad prompt fails before a bar shows
 
-    def progress(step: int, total: int) -> None:
+    def progress(done: int, total: int) -> None:
         if not bars:
             bars.append(tqdm(total=total, desc="sampling", unit="step"))
-        bars[0].update(1)
+        bars[0].update(done - bars[0].n)
 
     try:
-        video = pipe(
-            prompt,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            steps=steps,
-            guidance=guidance,
-            callback=progress,
-        )
+        [video] = video_model.generate([request], progress=progress)
     finally:
         for bar in bars:
             bar.close()
@@ -72,19 +73,19 @@ def generate_one(
 def generate_batch(
     prompts_file: str | Path,
     out_dir: str | Path,
+    template: GenerationRequest,
     *,
-    seed: int = 0,
     format: str | None = None,
     batch_size: int = 16,
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
     model: str | Path | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    offload: str = "none",
 ) -> Path:
-    """Line i of the file becomes DIR/{i:04d}.{format} with seed + i. A bad line is recorded
-    with its error in DIR/index.jsonl and the other lines are still generated."""
+    """Line i of the file becomes DIR/{i:04d}.{format}, made from ``template`` with that
+    line as the prompt and seed ``template.seed + i``. A bad line is recorded with its error
+    in DIR/index.jsonl and the other lines are still generated. DIR appears whole at the
+    end, or not at all."""
     try:
         lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -97,32 +98,28 @@ def generate_batch(
     fmt = format or "mp4"
     out_dir = Path(out_dir)
     check_dir(out_dir, BATCH)
-    pipe = load_pipeline(model, device, precision)
+    _check_numbers(read_knobs(model), template)
+    video_model = load_model(model, device=device, precision=precision, offload=offload)
     records: list[dict] = []
-    good: list[tuple[int, str]] = []
+    good: list[tuple[int, GenerationRequest]] = []
     for i, line in enumerate(lines):
-        records.append({"file": None, "prompt": line, "seed": seed + i})
-        try:
-            good.append((i, pipe.check_prompt(line)))
-        except PromptError as e:
+        records.append({"file": None, "prompt": line, "seed": template.seed + i})
+        try:  # resolved here so that one bad line is recorded, not fatal to the batch
+            good.append(
+                (i, video_model.resolve(replace(template, prompt=line, seed=template.seed + i)))
+            )
+        except UserError as e:
             records[i]["error"] = str(e)
-    # The folder appears whole at the end, or not at all.
     with (
         writing_dir(out_dir, BATCH) as tmp,
         tqdm(total=len(good), desc="generating", unit="clip") as bar,
     ):
         for start in range(0, len(good), batch_size):
             chunk = good[start : start + batch_size]
-            frames = pipe.generate(
-                [p for _, p in chunk],
-                [seed + i for i, _ in chunk],
-                steps=steps,
-                guidance=guidance,
-                negative_prompts=[negative_prompt or ""] * len(chunk),
-            )
-            for (i, _), clip in zip(chunk, frames, strict=True):
+            videos = video_model.generate([r for _, r in chunk])
+            for (i, _), video in zip(chunk, videos, strict=True):
                 name = f"{i:04d}" + ("" if fmt == "png" else f".{fmt}")
-                Video(clip, pipe.config.fps).save(tmp / name, format=fmt)
+                video.save(tmp / name, format=fmt)
                 records[i]["file"] = name
             bar.update(len(chunk))
         text = "".join(json.dumps(r) + "\n" for r in records)
