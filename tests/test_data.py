@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from t2v import shapes
-from t2v.data import (
-    EVAL_CLIPS,
-    DataError,
-    ShapesSource,
-    ShardSource,
-    open_source,
-    prepare,
-    to_model_tensor,
-    verify,
-)
-from t2v.video import write_video
+from t2v.data import DataError, prepare, verify
+from t2v.sources import EVAL_CLIPS, ShapesSource, ShardSource, is_moving_shapes, open_source
+from t2v.video import to_model_tensor, write_video
 
 GOOD = 6
 OPTIONS = dict(frames=8, size=32, fps=8.0, progress=False)
@@ -132,7 +124,7 @@ def test_verify_names_the_changed_or_missing_shard(prepared, tmp_path):
         verify(copy)
     with pytest.raises(DataError, match="shard-000001.tar"):
         ShardSource(copy)
-    ShardSource(copy, verify=False)  # opening without verification still works
+    ShardSource(copy, rehash=False)  # opening without verification still works
 
     shard.unlink()
     with pytest.raises(DataError, match="^shard-000001.tar: missing"):
@@ -218,12 +210,30 @@ def test_shard_source_is_deterministic_and_splits_ranks(prepared):
     assert a.batch(0, 6)[1] != a.batch(1, 6)[1]  # each epoch is shuffled afresh
     assert ShardSource(root / "shards", seed=4).batch(0, 6)[1] != a.batch(0, 6)[1]
 
-    stream = iter(a)
-    for step in range(3):
-        tensor, caption = next(stream)
-        clip_, (expected,) = a.batch(step, 1)
-        assert caption == expected
-        assert torch.equal(tensor, to_model_tensor(clip_)[0])
+
+def test_held_out_shard_clips_are_never_trained_on(prepared):
+    root, _ = prepared
+    source = ShardSource(root / "shards", seed=3, held_out=0.3)  # 2 of the 6 clips
+    clips, captions = source.held_out(8)
+    assert len(captions) == 2 and red_levels(clips) == [int(c.split()[-1]) for c in captions]
+    trained = {c for step in range(12) for c in source.batch(step, 4)[1]}
+    assert len(trained) == 4 and not trained & set(captions)
+    assert sorted(source.captions(4)) == sorted(trained)
+    # The held-out clips do not depend on the data seed, so runs compare on the same clips.
+    assert ShardSource(root / "shards", seed=9, held_out=0.3).held_out(8)[1] == captions
+    with pytest.raises(DataError, match="too few to keep 6 of them out of training"):
+        ShardSource(root / "shards", held_out=0.99)
+
+
+def test_only_the_moving_shapes_names_mean_moving_shapes(prepared, tmp_path, monkeypatch):
+    root, _ = prepared
+    assert all(map(is_moving_shapes, ["shapes", "shapes:train", "shapes:eval"]))
+    assert not any(map(is_moving_shapes, ["shapes_x", "./shapes", "shapes:test", "shapesx"]))
+    (tmp_path / "shapes_x").symlink_to(root / "shards")
+    monkeypatch.chdir(tmp_path)
+    source = open_source("shapes_x")
+    assert isinstance(source, ShardSource) and not source.black_background
+    assert all(c.startswith("clip number") for c in source.captions(6))
 
 
 def test_open_source_for_both_kinds(prepared):
@@ -242,7 +252,7 @@ def test_open_source_for_both_kinds(prepared):
     first = evaluation.batch(0, 1)
     assert np.array_equal(evaluation.batch(EVAL_CLIPS, 1)[0], first[0])  # the list cycles
     assert first[1] != evaluation.batch(1, 1)[1]
-    with pytest.raises(ValueError, match="Unknown Moving Shapes split"):
+    with pytest.raises(DataError, match="neither 'shapes'"):
         open_source("shapes:test")
     with pytest.raises(DataError, match="neither 'shapes'"):
         open_source(str(root / "nowhere"))
@@ -258,7 +268,8 @@ def test_shapes_source_draws_each_step_once_whatever_the_call_order():
         clips, captions = source.batch(step, 4, rank, 2)
         want_clips, want_captions = shapes.train_batch(2, start, 4, 0.5)
         assert np.array_equal(clips, want_clips) and captions == want_captions
-        np.testing.assert_array_equal(boxes, shapes.train_boxes(2, start, 4, 0.5))
+        specs = [shapes.train_spec(2, start + i, 0.5) for i in range(4)]
+        np.testing.assert_array_equal(boxes, shapes.object_boxes(specs))
     assert source.device == "cpu"
     assert open_source("shapes", device="meta").device == "meta"
 

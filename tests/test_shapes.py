@@ -10,8 +10,8 @@ import pytest
 
 from t2v import shapes
 from t2v.cli import main
-from t2v.data import ShapesSource
 from t2v.shapes import COLORS, HELD_OUT_PAIRS, SIZES, ClipSpec, ObjectSpec, render
+from t2v.sources import ShapesSource
 
 TRAIN = [shapes.train_spec(0, i) for i in range(3000)]
 

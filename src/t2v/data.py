@@ -1,5 +1,4 @@
-"""Training data: real videos prepared into verified tar shards, and the clip sources the
-trainer reads (prepared shards, or the endless Moving Shapes stream).
+"""Training data: real videos prepared into verified tar shards (read by t2v.sources).
 
 Shards use the WebDataset layout: ``shard-000000.tar`` holds ``KEY.npy`` (uint8 clip
 (T, H, W, 3)), ``KEY.txt`` (caption) and ``KEY.json`` (where the clip came from), and
@@ -11,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import json
 import multiprocessing
 import os
@@ -22,7 +20,6 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -31,9 +28,6 @@ from t2v.errors import UserError
 from t2v.text import PromptError, normalize
 from t2v.video import VideoError, read_video, to_model_tensor, to_uint8_clips  # noqa: F401
 
-if TYPE_CHECKING:
-    import torch
-
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "t2v-shards", 1
 VIDEO_SUFFIXES = frozenset(
@@ -41,7 +35,6 @@ VIDEO_SUFFIXES = frozenset(
 )
 PATH_COLUMNS = ("path", "file", "video", "videoid")
 CAPTION_COLUMNS = ("caption", "text", "name")
-EVAL_CLIPS = 240  # size of the fixed Moving Shapes evaluation list ("shapes:eval")
 
 
 class DataError(UserError):
@@ -368,7 +361,7 @@ def prepare(
     return manifest
 
 
-def _load_manifest(shards_dir: Path) -> dict:
+def load_manifest(shards_dir: Path) -> dict:
     path = shards_dir / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -389,7 +382,7 @@ def _load_manifest(shards_dir: Path) -> dict:
     return manifest
 
 
-def _index_shard(path: Path) -> list[tuple[int, int, int, int]]:
+def index_shard(path: Path) -> list[tuple[int, int, int, int]]:
     """(npy offset, npy size, txt offset, txt size) of each sample, in file order."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
@@ -411,7 +404,7 @@ def _index_shard(path: Path) -> list[tuple[int, int, int, int]]:
 def verify(shards_dir: Path) -> dict:
     """Re-hash every shard and count its samples against the manifest; returns the manifest."""
     shards_dir = Path(shards_dir)
-    manifest = _load_manifest(shards_dir)
+    manifest = load_manifest(shards_dir)
     total = 0
     for shard in manifest["shards"]:
         name = shard["name"]
@@ -420,154 +413,10 @@ def verify(shards_dir: Path) -> dict:
             raise DataError(f"{name}: missing from {shards_dir}; run prepare again.")
         if _sha256(path) != shard["sha256"]:
             raise DataError(f"{name}: SHA-256 mismatch, so the file changed; run prepare again.")
-        count = len(_index_shard(path))
+        count = len(index_shard(path))
         if count != shard["samples"]:
             raise DataError(f"{name}: holds {count} samples, manifest says {shard['samples']}.")
         total += count
     if total != manifest["samples"]:
         raise DataError(f"The shards hold {total} samples, manifest says {manifest['samples']}.")
     return manifest
-
-
-_verify = verify  # ShardSource's `verify` flag shadows the function
-
-
-# --- clip sources for training -------------------------------------------------------------
-
-
-class ClipSource(Protocol):
-    def batch(
-        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> tuple[np.ndarray, list[str]]:
-        """uint8 (B, T, H, W, 3) clips and their captions; a pure function of its arguments
-        (so resuming at a step reproduces the data exactly), and different ranks get
-        different samples."""
-        ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]: ...
-
-
-def _first_index(step: int, batch_size: int, rank: int, world_size: int) -> int:
-    """Global index of the first sample of (step, rank): ranks take consecutive slices."""
-    if step < 0 or batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"Need step >= 0, batch_size >= 1 and 0 <= rank < world_size, not "
-            f"{step}, {batch_size}, {rank}, {world_size}."
-        )
-    return step * batch_size * world_size + rank * batch_size
-
-
-class _Source:
-    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
-        """Endless (video (3, T, H, W) in [-1, 1], caption) in the order of batch(0, 1), ..."""
-        for step in itertools.count():
-            clips, captions = self.batch(step, 1)
-            yield to_model_tensor(clips)[0], captions[0]
-
-
-class ShapesSource(_Source):
-    """The Moving Shapes stream: endless seeded training clips, or the fixed eval list cycled."""
-
-    def __init__(
-        self, split: str = "train", seed: int = 0, two_object_share: float = 0.4, device="cpu"
-    ):
-        if split not in ("train", "eval"):
-            raise ValueError(f"Unknown Moving Shapes split {split!r}; use 'train' or 'eval'.")
-        if not 0.0 <= two_object_share <= 1.0:
-            raise ValueError(f"two_object_share must be in [0, 1], not {two_object_share}")
-        # Imported here so decoding workers, which import this module, skip torch.
-        from t2v import shapes
-
-        self._shapes, self.split, self.seed = shapes, split, seed
-        self.two_object_share = two_object_share
-        self._eval = shapes.eval_specs(EVAL_CLIPS, seed) if split == "eval" else None
-        # Clips are drawn where the model trains: on a GPU, rendering is a few kernels
-        # instead of tens of milliseconds of CPU time per batch.
-        self.device = device
-        self._drawn: tuple[tuple, list] = ((), [])  # the last (step, ...) and its specs
-
-    def _specs(self, step: int, batch_size: int, rank: int, world_size: int) -> list:
-        """The clip specs of (step, rank), drawn once for batch() and boxes() alike."""
-        key = (step, batch_size, rank, world_size)
-        if self._drawn[0] != key:
-            start = _first_index(step, batch_size, rank, world_size)
-            if self._eval is None:
-                specs = [
-                    self._shapes.train_spec(self.seed, start + i, self.two_object_share)
-                    for i in range(batch_size)
-                ]
-            else:
-                specs = [self._eval[(start + i) % len(self._eval)] for i in range(batch_size)]
-            self._drawn = (key, specs)
-        return self._drawn[1]
-
-    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        specs = self._specs(step, batch_size, rank, world_size)
-        return self._shapes.render(specs, self.device), [s.caption for s in specs]
-
-    def boxes(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        """Where each object of batch(...)'s clips is: see shapes.object_boxes."""
-        return self._shapes.object_boxes(self._specs(step, batch_size, rank, world_size))
-
-
-class ShardSource(_Source):
-    """Prepared shards, read at random by (step, rank): sample ``g`` is entry ``g % N`` of a
-    permutation of the N samples seeded by (seed, epoch ``g // N``)."""
-
-    def __init__(self, shards_dir, verify: bool = True, seed: int = 0):
-        self.dir, self.seed = Path(shards_dir), seed
-        self.manifest = _verify(self.dir) if verify else _load_manifest(self.dir)
-        self._paths = [self.dir / s["name"] for s in self.manifest["shards"]]
-        rows = [(i, *entry) for i, p in enumerate(self._paths) for entry in _index_shard(p)]
-        if not rows:
-            raise DataError(f"{self.dir} holds no samples; prepare some videos first.")
-        self._index = np.array(rows, dtype=np.int64)  # (N, 5): shard, npy off/size, txt off/size
-        self._perms: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # a batch seldom spans more than two epochs
-                self._perms.pop(next(iter(self._perms)))
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = rng.permutation(len(self._index))
-        return self._perms[epoch]
-
-    def _read(self, i: int) -> tuple[np.ndarray, str]:
-        shard, npy_at, npy_size, txt_at, txt_size = (int(v) for v in self._index[i])
-        with open(self._paths[shard], "rb") as f:
-            f.seek(npy_at)
-            clip = np.load(io.BytesIO(f.read(npy_size)), allow_pickle=False)
-            f.seek(txt_at)
-            return clip, f.read(txt_size).decode("utf-8")
-
-    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        start = _first_index(step, batch_size, rank, world_size)
-        n = len(self._index)
-        samples = [
-            self._read(self._permutation(g // n)[g % n]) for g in range(start, start + batch_size)
-        ]
-        return np.stack([clip for clip, _ in samples]), [caption for _, caption in samples]
-
-
-def open_source(
-    spec: str, seed: int = 0, two_object_share: float = 0.4, device="cpu"
-) -> ClipSource:
-    """Moving Shapes for "shapes", "shapes:train" or "shapes:eval", else the shards in the
-    folder ``spec`` (write ./shapes for a folder of that name). ``two_object_share`` is the
-    share of two-object clips in the Moving Shapes training stream, and ``device`` (a torch
-    device) where its clips are rendered."""
-    spec = str(spec)
-    if spec == "shapes" or spec.startswith("shapes:"):
-        return ShapesSource(spec.partition(":")[2] or "train", seed, two_object_share, device)
-    if not Path(spec).is_dir():
-        raise DataError(
-            f"{spec!r} is neither 'shapes', 'shapes:train', 'shapes:eval' nor a folder of "
-            "prepared shards."
-        )
-    return ShardSource(spec, seed=seed)

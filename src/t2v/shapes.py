@@ -316,13 +316,6 @@ def object_boxes(specs: Sequence[ClipSpec]) -> np.ndarray:
     return boxes
 
 
-def train_boxes(
-    seed: int, start: int, count: int, two_object_share: float = TWO_OBJECT_SHARE
-) -> np.ndarray:
-    """The object boxes of train_batch's clips (see object_boxes)."""
-    return object_boxes([train_spec(seed, start + i, two_object_share) for i in range(count)])
-
-
 def caption_corpus(seed: int = 0, count: int = 20000) -> list[str]:
     """Captions of the training stream (for fitting the tokenizer)."""
     return [train_spec(seed, i).caption for i in range(count)]

@@ -1,0 +1,107 @@
+"""Training objectives: the autoencoder's reconstruction loss, flow matching for the
+generator, and the attention loss that sends each latent token to its object's words.
+
+An objective wraps the networks it trains and returns (loss, its logged terms); the trainer
+knows nothing of what the loss is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from t2v.flow import flow_loss, sample_t
+from t2v.models.autoencoder import VideoAutoencoder
+from t2v.models.generator import LatentGenerator
+
+
+class AutoencoderObjective(nn.Module):
+    def __init__(self, autoencoder: VideoAutoencoder):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, clips: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, dict]:
+        return self.autoencoder.loss(clips)
+
+
+class GeneratorObjective(nn.Module):
+    """Flow matching on latents of the frozen autoencoder; the text encoder trains alongside
+    when it is trainable. Captions are dropped to "" at cond_dropout for guidance."""
+
+    def __init__(self, generator: LatentGenerator, text_encoder, autoencoder: VideoAutoencoder):
+        super().__init__()
+        self.generator, self.text_encoder = generator, text_encoder
+        self._frozen = [autoencoder.requires_grad_(False).eval()]  # not a submodule: not trained
+
+    def forward(
+        self, clips: torch.Tensor, captions: list[str], boxes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """boxes: where each object is (see shapes.object_boxes): given, and with a positive
+        attention_loss, the attention loss is added."""
+        g = self.generator.config
+        with torch.no_grad():
+            z = self._frozen[0].encode(clips).float()  # (B, C, T', H', W')
+        keep = torch.rand(len(captions)) >= g.cond_dropout
+        text = self.text_encoder([c if k else "" for c, k in zip(captions, keep, strict=True)])
+        t = sample_t(len(z), device=z.device)
+        maps = [] if boxes is not None and g.attention_loss > 0 else None
+        loss = flow_loss(lambda x, tt: self.generator(x, tt, text, maps), z, t, torch.randn_like(z))
+        if not maps:
+            return loss, {}
+        coverage = token_coverage(boxes.to(z.device), g.grid, clips.shape[-1])
+        objects = boxes[:, :, 0, 0].isfinite().sum(1).to(z.device)  # (B,)
+        slots = text.slots.masked_fill(~text.mask, 0).amax(1) + 1
+        # Only clips whose caption was kept and split into one clause per object, and that
+        # have several objects (with one, all the attention is on its slot anyway).
+        use = keep.to(z.device) & (objects > 1) & (slots == objects)
+        attention = slot_attention_loss(maps, text.slots, text.mask, coverage, use)
+        return loss + g.attention_loss * attention, {
+            "flow": loss.detach(),
+            "attention": attention.detach(),
+        }
+
+
+def token_coverage(boxes: torch.Tensor, grid: tuple[int, int, int], size: int) -> torch.Tensor:
+    """How much of each latent token each object covers, averaged over the token's frames:
+    boxes (B, K, T, 4) in pixels of a size x size clip -> (B, K, N), N = latent tokens in
+    (t, h, w) order; absent objects (NaN boxes) cover nothing."""
+    gt, gh, gw = grid
+    b, k, frames, _ = boxes.shape
+    x0, y0, x1, y1 = boxes.float().unbind(-1)  # each (B, K, T)
+
+    def overlap(lo, hi, cells):  # (B, K, T, cells): share of each cell's span inside [lo, hi]
+        width = size / cells
+        edge = torch.arange(cells, device=boxes.device) * width
+        inside = torch.minimum(hi[..., None], edge + width) - torch.maximum(lo[..., None], edge)
+        return (inside.clamp(min=0) / width).nan_to_num(0.0)
+
+    cover = overlap(y0, y1, gh)[..., :, None] * overlap(x0, x1, gw)[..., None, :]
+    cover = cover.view(b, k, gt, frames // gt, gh, gw).mean(3)  # (B, K, gt, gh, gw)
+    return cover.flatten(2)
+
+
+def slot_attention_loss(
+    maps: list[torch.Tensor],
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    coverage: torch.Tensor,
+    use: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy between where the objects are and where the latent tokens look: for each
+    token an object covers, the attention it pays to each object's text slot should follow
+    the objects' shares of it (after Wang et al. 2024, "TokenCompose", which supervises
+    cross-attention with segmentation masks). Tokens no object covers are free. Weighted by
+    coverage, averaged over the blocks' maps (B, N, L); slots/mask (B, L); coverage
+    (B, K, N); use (B,) which clips count."""
+    k = coverage.shape[1]
+    onehot = nn.functional.one_hot(slots.clamp(max=k - 1), k).float() * mask[..., None]
+    total = coverage.sum(1)  # (B, N)
+    target = (coverage / total.clamp(min=1e-6)[:, None]).transpose(1, 2)  # (B, N, K)
+    weight = total.clamp(max=1.0) * use[:, None]
+    norm = weight.sum().clamp(min=1e-6)
+    losses = []
+    for a in maps:
+        on_slot = a.float() @ onehot  # (B, N, K): attention mass on each object's words
+        ce = -(target * on_slot.clamp(min=1e-6).log()).sum(-1)  # (B, N)
+        losses.append((ce * weight).sum() / norm)
+    return torch.stack(losses).mean()
