@@ -1,5 +1,5 @@
-"""Text-encoder comparison on one budget: the from-scratch Transformer, the GRU, frozen MiniLM
-and MiniLM with a small trainable adapter, each training the recipe's generator
+"""Text-encoder comparison on one budget: the from-scratch Transformer, the GRU and frozen
+MiniLM, each training the recipe's generator
 (configs/moving-shapes.yaml) for the same steps, batch, schedule and data over the same
 trained autoencoder; then `t2v eval` on the same eval clips. Only the text encoder differs.
 
@@ -28,7 +28,6 @@ ENCODERS = {  # name -> overrides of the recipe
     "transformer": ["text_encoder.kind=transformer"],
     "gru": ["text_encoder.kind=gru"],
     "minilm": ["text_encoder.kind=pretrained"],
-    "minilm-adapter": ["text_encoder.kind=pretrained", "text_encoder.adapter_depth=2"],
 }
 GROUPS = ("single_seen", "single_heldout", "two_object", "paraphrase")
 

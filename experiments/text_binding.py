@@ -7,7 +7,7 @@ one generator layer can do), and one trainable self-attention layer before it (a
 High scores mean the text holds the binding, so a generator that mixes attributes up between
 two objects has not learnt to read it. Prints a Markdown table.
 
-    python bench/text_binding.py [--captions 12000] [--steps 1500] [--pretrained-path DIR]
+    python experiments/text_binding.py [--captions 12000] [--steps 1500] [--pretrained-path DIR]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TARGETS = {"shape": list(SHAPES), "size": list(SIZES), "direction": list(DIRECTI
 def encode(captions: list[str], pretrained_path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, L, D) token states and (N, L) masks, padded to the longest caption."""
     encoder = PretrainedTextEncoder(
-        TextEncoderConfig(kind="pretrained", pretrained_path=pretrained_path)
+        TextEncoderConfig(kind="pretrained", pretrained_path=pretrained_path, split_objects=False)
     )
     parts = [encoder(captions[i : i + 256]) for i in range(0, len(captions), 256)]
     width = max(p.tokens.shape[1] for p in parts)
