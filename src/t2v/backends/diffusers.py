@@ -9,7 +9,8 @@ none of its code ever runs, and ``trust_remote_code`` is never passed.
 `DiffusersModel` implements `t2v.model.VideoModel`. Its knobs follow each pipeline's own
 rules (read from diffusers 0.42's ``check_inputs`` and ``__call__``): Wan takes 4k+1 frames
 and sizes in multiples of 16; LTX-Video 8k+1 frames and sizes in multiples of 32;
-CogVideoX 4k+1 frames and sizes in multiples of 16. The factors come from the folder's VAE
+CogVideoX 8k+1 frames (an odd number of latent frames, which its VAE decodes exactly) and
+sizes in multiples of 16. The factors come from the folder's VAE
 and transformer configs, so a smaller model gets its own. Other diffusers text-to-video
 classes with the same call run as "untested" (``ModelInfo.tested`` False).
 """
@@ -132,7 +133,10 @@ def _factors(name: str, path: Path) -> tuple[int, int, int]:
         temporal = vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * 2**levels
         return temporal, spatial, transformer.get("patch_size", 1)
     spatial = 2 ** (len(vae.get("block_out_channels", (128, 256, 256, 512))) - 1)
-    return vae.get("temporal_compression_ratio", 4), spatial, transformer.get("patch_size", 2)
+    # CogVideoX's VAE decodes an even number of latent frames into twice too many frames
+    # (its first batch must be odd), so the latent count is odd: 8k+1 frames for 4x.
+    temporal = 2 * vae.get("temporal_compression_ratio", 4)
+    return temporal, spatial, transformer.get("patch_size", 2)
 
 
 def _generic_rules(name: str) -> Rules:
