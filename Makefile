@@ -36,7 +36,7 @@ lint: install
 
 # Each bench prints a table. The text-encoder comparison trains four generators (about 41
 # minutes on 2 cores), so it has its own target.
-QUICK_BENCHES := data generate serve train
+QUICK_BENCHES := data generate serve train filter
 bench: install
 	for f in $(QUICK_BENCHES); do $(PY) bench/$$f.py || exit 1; done
 
