@@ -47,7 +47,7 @@ _DIGITS = re.compile(r"^(\d*)(.*?)(\d*)$")
 # verb forms of the nouns a blocklist holds; a stem keeps at least three letters.
 _SUFFIXES = ("ingly", "ings", "ing", "edly", "ed", "ers", "er", "ies", "es", "ly", "s")
 _IRREGULAR = {"children": "child"}  # plurals no suffix rule undoes
-_CACHE_LIMIT = 200_000  # code points remembered by the fold table; beyond, computed each time
+_CACHE_LIMIT = 65_536  # code points each fold table remembers; beyond, computed each time
 
 
 def _confusables() -> dict[str, str]:
