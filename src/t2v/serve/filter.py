@@ -15,8 +15,9 @@ Prompt and blocklist go through the same two steps.
    letters) and the symbols "|", "!", "+", each read as a letter ("ch!ld") or as nothing
    ("child | porn"). Each token has a few canonical forms: leetspeak folded ("p0rn" -> "porn",
    "c5am" -> "csam", "@" -> "a"), with digits before or after the letters dropped ("csam1"),
-   with "rn" read as "m" (the one multi-letter ASCII look-alike in UTS #39), and stemmed
-   ("films" -> "film"), with "l" and "i" merged (both are written "1" and "|").
+   with "rn" read as "m" (the one multi-letter ASCII look-alike in UTS #39), stemmed
+   ("films" -> "film"), with repeated letters written once ("poooorn"), with "l" and "i"
+   merged (both are written "1" and "|").
 
 A term matches when one of its canonical forms equals the concatenation of canonical forms
 of one or more *consecutive whole tokens*. So "b a d", "b.a.d", "ｂａｄ" and "b\u200bad" all
@@ -43,6 +44,7 @@ _IGNORABLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 _TOKEN = re.compile(r"(?:[^\W_]|[@$])+|[|!+]")  # words; "|!+" are letters or nothing
 _LEET = str.maketrans("0123456789@$|!+", "oizeasgtbgasiit")
 _DIGITS = re.compile(r"^(\d*)(.*?)(\d*)$")
+_REPEATS = re.compile(r"(.)\1+")
 # Suffixes a stem loses (longest first); "ies" becomes "y". Enough for plurals and the usual
 # verb forms of the nouns a blocklist holds; a stem keeps at least three letters.
 _SUFFIXES = ("ingly", "ings", "ing", "edly", "ed", "ers", "er", "ies", "es", "ly", "s")
@@ -166,10 +168,12 @@ def _stem(word: str) -> str:
     return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
 
-def _canonical(token: str) -> tuple[str, str]:
-    """Leetspeak folded, "l" and "i" merged: as written and stemmed."""
+def _canonical(token: str) -> tuple[str, ...]:
+    """Leetspeak folded, "l" and "i" merged: as written and stemmed, each also with repeated
+    letters written once ("poooorn")."""
     plain = token.translate(_LEET)
-    return plain.replace("l", "i"), _stem(plain).replace("l", "i")
+    forms = {plain.replace("l", "i"), _stem(plain).replace("l", "i")}
+    return tuple(forms | {_REPEATS.sub(r"\1", f) for f in forms})
 
 
 @functools.lru_cache(maxsize=8192)  # prompts share most of their words
