@@ -193,6 +193,21 @@ def test_a_config_value_out_of_range_is_one_sentence(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--count", 8, "--batch-size", 0, "--out", "e"],
+        ["generate", PROMPT, "--prompts-file", "p.txt", "--out-dir", "b", "--batch-size", 0],
+        ["data", "shapes", "--count", 0, "--out", "s"],
+    ],
+)
+def test_counts_below_one_are_one_sentence(keep, capsys, argv):
+    (keep / "p.txt").write_text(PROMPT)
+    if "generate" in argv:
+        argv = [argv[0], *argv[2:]]  # batch mode: no PROMPT
+    refused(capsys, argv, "at least 1")
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, tiny_model_dir, monkeypatch):
     """A ValueError from inside t2v is a bug, not the user's mistake: it is not hidden."""
     import t2v.generate

@@ -97,6 +97,25 @@ def _add_data(sub) -> None:
     p.add_argument("--frames", type=int, default=16, help="frames per clip")
     p.add_argument("--size", type=int, default=64, help="clip height and width in pixels")
     p.add_argument("--fps", type=float, default=8.0, help="frames per second to sample at")
+    p.add_argument(
+        "--clip-stride",
+        type=float,
+        metavar="SECONDS",
+        help="seconds from one clip's start to the next in a video (default: a clip's length)",
+    )
+    p.add_argument(
+        "--max-clips-per-video",
+        type=int,
+        default=16,
+        metavar="N",
+        help="most clips cut from one video, spread evenly over it",
+    )
+    p.add_argument(
+        "--scene-cuts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="find the cuts between shots (PySceneDetect) so that no clip spans one",
+    )
     p.add_argument("--path-column", help="column holding the video path (default: detected)")
     p.add_argument("--caption-column", help="column holding the caption (default: detected)")
     p.add_argument("--shard-max-mb", type=float, default=256.0, help="largest shard size")
@@ -134,6 +153,9 @@ def _data_prepare(a) -> None:
         frames=a.frames,
         size=a.size,
         fps=a.fps,
+        clip_stride=a.clip_stride,
+        max_clips_per_video=a.max_clips_per_video,
+        scene_cuts=a.scene_cuts,
         path_column=a.path_column,
         caption_column=a.caption_column,
         shard_max_mb=a.shard_max_mb,
@@ -363,6 +385,8 @@ def _add_eval(sub) -> None:
 def _eval(a) -> None:
     from t2v.evaluate import eval_cli
 
+    if a.batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
     eval_cli(
         model=a.model,
         count=a.count,
