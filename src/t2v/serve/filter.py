@@ -49,6 +49,7 @@ _REPEATS = re.compile(r"(.)\1+")
 # verb forms of the nouns a blocklist holds; a stem keeps at least three letters.
 _SUFFIXES = ("ingly", "ings", "ing", "edly", "ed", "ers", "er", "ies", "es", "ly", "s")
 _IRREGULAR = {"children": "child"}  # plurals no suffix rule undoes
+_MIXED_WORDS = 4  # terms up to this many words match any mix of their forms
 _CACHE_LIMIT = 65_536  # code points each fold table remembers; beyond, computed each time
 
 
@@ -172,8 +173,8 @@ def _canonical(token: str) -> tuple[str, ...]:
     """Leetspeak folded, "l" and "i" merged: as written and stemmed, each also with repeated
     letters written once ("poooorn")."""
     plain = token.translate(_LEET)
-    forms = {plain.replace("l", "i"), _stem(plain).replace("l", "i")}
-    return tuple(forms | {_REPEATS.sub(r"\1", f) for f in forms})
+    forms = (plain.replace("l", "i"), _stem(plain).replace("l", "i"))
+    return forms + tuple(_REPEATS.sub(r"\1", f) for f in forms)
 
 
 @functools.lru_cache(maxsize=8192)  # prompts share most of their words
@@ -196,9 +197,12 @@ class ContentFilter:
     def __init__(self, terms: list[str]):
         self._terms: dict[str, str] = {}
         for term in terms:
-            words = _TOKEN.findall(fold(term))
-            # Each word as written or stemmed, as a prompt may mix them ("b l u e squares").
-            for forms in itertools.product(*map(_canonical, words)) if words else ():
+            words = [_canonical(w) for w in _TOKEN.findall(fold(term))]
+            # Each word in each of its forms, as a prompt may mix them ("b l u e squares"); a
+            # long term (an operator's phrase) only in one form throughout, which stays small.
+            mixed = len(words) <= _MIXED_WORDS
+            combos = itertools.product(*words) if mixed else zip(*words, strict=True)
+            for forms in combos if words else ():
                 self._terms.setdefault("".join(forms), term.strip())
         self._prefixes = {t[:i] for t in self._terms for i in range(1, len(t) + 1)}
         self._count = len({t.strip() for t in terms if _TOKEN.search(fold(t))})
