@@ -10,7 +10,7 @@ from playwright.sync_api import sync_playwright
 
 from servers import Server
 from t2v.serve.auth import KeyStore
-from t2v.serve.store import SqliteStore
+from t2v.serve.store_sqlite import SqliteStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -34,7 +34,8 @@ from t2v.errors import UserError
 from t2v.pipeline import TextToVideoPipeline
 from t2v.serve.app import ServeConfig, create_app
 from t2v.serve.auth import KeyStore
-from t2v.serve.store import MAX_ATTEMPTS, JobRequest, SqliteStore
+from t2v.serve.store import MAX_ATTEMPTS, JobRequest
+from t2v.serve.store_sqlite import SqliteStore
 from t2v.text import PromptError
 from t2v.video import Video
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 from servers import Server, done, stepping
-from t2v.serve.store import SqliteStore
+from t2v.serve.store_sqlite import SqliteStore
 
 
 def test_kill_9_mid_job_then_restart(tmp_path, tiny_model_dir):

@@ -23,7 +23,7 @@ from t2v.serve.guard import LOOPBACK_NAMES, Guard
 from t2v.serve.queue import JobError, JobQueue
 from t2v.serve.routes import STATIC, site, videos
 from t2v.serve.schemas import VideoRequest, error_response
-from t2v.serve.store import SqliteStore
+from t2v.serve.store_sqlite import SqliteStore
 
 log = logging.getLogger("t2v.serve")
 
