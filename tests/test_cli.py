@@ -302,3 +302,38 @@ def test_device_options_the_machine_cannot_meet_are_one_sentence(
 ):
     argv = ["generate", PROMPT, "--model", tiny_model_dir, "-o", tmp_path / "c.mp4", *option]
     refused(capsys, argv, words)
+
+
+# --- a diffusers folder through the same command --------------------------------------------
+
+
+@pytest.fixture
+def tiny_wan(tiny_diffusers):
+    """The tiny random-weight Wan folder of tests/tiny_diffusers.py (conftest fixture)."""
+    return tiny_diffusers["wan"]
+
+
+def test_a_diffusers_model_makes_the_asked_frames_size_and_fps(tmp_path, tiny_wan):
+    import av
+
+    from t2v.video import read_video
+
+    argv = ["generate", "a dog running on the beach", "--model", tiny_wan, "--steps", 2]
+    argv += ["--frames", 9, "--width", 48, "--height", 32]
+    assert main([str(a) for a in [*argv, "--fps", 10, "-o", tmp_path / "dog.mp4"]]) == 0
+    with av.open(str(tmp_path / "dog.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.frames, stream.width, stream.height) == (9, 48, 32)
+        assert stream.average_rate == 10
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / name
+        assert main([str(a) for a in [*argv, "--seed", seed, "--format", "png", "-o", out]]) == 0
+    a, b, c = (read_video(tmp_path / n, num_frames=9, size=(32, 48)) for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_a_diffusers_model_refuses_what_it_cannot_make_in_one_sentence(tmp_path, tiny_wan, capsys):
+    argv = ["generate", "a dog", "--model", tiny_wan, "-o", tmp_path / "dog.mp4"]
+    refused(capsys, [*argv, "--frames", 10], "of the form 4k+1; the nearest are 9 or 13")
+    refused(capsys, [*argv, "--height", 40], "the nearest are 32 or 48")
+    assert list(tmp_path.iterdir()) == []
