@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -283,3 +284,100 @@ def test_to_model_tensor_layout_and_range():
     assert x.min() == -1.0
     with pytest.raises(ValueError, match="uint8"):
         to_model_tensor(clips.astype(np.float32))
+
+
+# --- cutting videos into clips ---------------------------------------------------------------
+
+
+def two_shots(path, cut: float = 2.5, seconds: float = 6.0, fps: int = 24):
+    """A red shot, a hard cut at ``cut`` seconds, then a blue shot; the frame index is in the
+    green channel (frame * 2), so a clip tells where in the video it starts."""
+    n = round(seconds * fps)
+    frames = np.zeros((n, 32, 32, 3), np.uint8)
+    frames[:, :, :, 1] = (np.arange(n) * 255 // n)[:, None, None]
+    shot = np.arange(n) < round(cut * fps)
+    frames[shot, ..., 0], frames[~shot, ..., 2] = 230, 230
+    write_video(frames, path, fps=fps)
+    return path
+
+
+def clip_sources(manifest) -> list[tuple[str, float, float]]:
+    return [(c["source"], c["start"], c["end"]) for c in manifest["clips"]]
+
+
+def test_prepare_cuts_a_video_into_clips_at_a_stride(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    two_shots(folder / "a.mp4")
+    (folder / "a.txt").write_text("a red then a blue frame")
+    options = {**OPTIONS, "scene_cuts": False}
+    manifest = prepare(folder, tmp_path / "every", **options)
+    assert clip_sources(manifest) == [("a.mp4", s, s + 1.0) for s in range(6)]
+    shards = ShardSource(tmp_path / "every")
+    assert len(shards) == 6 and shards.manifest["config"]["clip_stride"] is None
+    # Each clip holds its own second of the video: its green level rises with its start.
+    starts = [int(c[0, ..., 1].mean()) for c in shards.batch(0, 6)[0]]
+    assert len(set(starts)) == 6
+    manifest = prepare(folder, tmp_path / "stride", clip_stride=2.0, **options)
+    assert [c["start"] for c in manifest["clips"]] == [0.0, 2.0, 4.0]
+    manifest = prepare(folder, tmp_path / "capped", max_clips_per_video=2, **options)
+    assert [c["start"] for c in manifest["clips"]] == [0.0, 5.0]  # spread over the video
+
+
+def test_no_clip_spans_a_scene_cut(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    two_shots(folder / "a.mp4")
+    (folder / "a.txt").write_text("a red then a blue frame")
+    manifest = prepare(folder, tmp_path / "shards", **OPTIONS)
+    starts = [c["start"] for c in manifest["clips"]]
+    assert starts == pytest.approx([0.0, 1.0, 2.5, 3.5, 4.5], abs=0.05)
+    for clip_ in ShardSource(tmp_path / "shards").batch(0, 5)[0]:
+        red, blue = clip_[..., 0].mean((1, 2)), clip_[..., 2].mean((1, 2))
+        assert (red > 200).all() or (blue > 200).all()  # one shot only
+
+
+def test_start_and_end_times_in_the_captions_file_bound_the_clips(tmp_path):
+    two_shots(tmp_path / "a.mp4")
+    rows = [
+        {"path": "a.mp4", "caption": "a red frame", "start": 0.5, "end": "00:00:02.5"},
+        {"path": "a.mp4", "caption": "a blue frame", "start": "2.5", "end": ""},
+        {"path": "a.mp4", "caption": "backwards", "start": 3, "end": 2},
+    ]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    options = {**OPTIONS, "max_failure_fraction": 0.5}
+    manifest = prepare(None, tmp_path / "shards", tmp_path / "list.jsonl", **options)
+    assert clip_sources(manifest) == [
+        ("a.mp4", 0.5, 1.5),
+        ("a.mp4", 1.5, 2.5),
+        ("a.mp4", 2.5, 3.5),
+        ("a.mp4", 3.5, 4.5),
+        ("a.mp4", 4.5, 5.5),
+    ]
+    assert manifest["skipped"] == [
+        {"source": "a.mp4", "reason": "times: 3 to 2 is not a span of seconds"}
+    ]
+    clips, captions = ShardSource(tmp_path / "shards").batch(0, 5)
+    for clip_, caption in zip(clips, captions, strict=True):
+        colour = 0 if caption == "a red frame" else 2
+        assert (clip_[..., colour].mean((1, 2)) > 200).all()
+
+
+def test_prepare_never_replaces_what_it_did_not_write(prepared, tmp_path, capsys):
+    from t2v.cli import main
+
+    root, _ = prepared
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    for out in ("notes.txt", "folder"):
+        args = ["data", "prepare", "--videos", str(root / "videos"), "--out", str(tmp_path / out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("t2v: error: ") and err.count("\n") == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "folder" / "notes.txt").read_text() == "mine"
+    # Shards t2v wrote are replaced on request.
+    shutil.copytree(root / "shards", tmp_path / "shards")
+    again = prepare(root / "videos", tmp_path / "shards", max_failure_fraction=0.5, **OPTIONS)
+    assert again["samples"] == GOOD and len(list((tmp_path / "shards").glob("*.tar"))) == 1

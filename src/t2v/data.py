@@ -24,17 +24,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from t2v.clips import read_clips
 from t2v.errors import UserError
+from t2v.outputs import check_dir, writing_dir
 from t2v.text import PromptError, normalize
-from t2v.video import VideoError, read_video, to_model_tensor, to_uint8_clips  # noqa: F401
+from t2v.video import VideoError, to_model_tensor, to_uint8_clips  # noqa: F401
 
 MANIFEST = "manifest.json"
+SHARD_LAYOUT = (MANIFEST, "shard-*.tar", "shard-*.tar.part")  # a shard folder t2v wrote
 FORMAT, VERSION = "t2v-shards", 1
 VIDEO_SUFFIXES = frozenset(
     ".mp4 .webm .mkv .mov .avi .gif .m4v .mpg .mpeg .ogv .flv .wmv .ts".split()
 )
 PATH_COLUMNS = ("path", "file", "video", "videoid")
 CAPTION_COLUMNS = ("caption", "text", "name")
+START_COLUMNS, END_COLUMNS = ("start", "start_time"), ("end", "end_time")  # seconds, optional
 
 
 class DataError(UserError):
@@ -48,6 +52,11 @@ class PrepareConfig:
     frames: int = 16
     size: tuple[int, int] = (64, 64)  # (H, W)
     fps: float = 8.0
+    # Seconds from one clip's start to the next one's in a video; None: the clip's length,
+    # so a video's clips follow each other without overlap.
+    clip_stride: float | None = None
+    max_clips_per_video: int = 16  # spread evenly over the video when it holds more
+    scene_cuts: bool = True  # no clip spans a cut between shots
     shard_max_mb: float = 256  # MiB
     max_failure_fraction: float = 0.1
     path_column: str | None = None
@@ -62,13 +71,20 @@ class PrepareConfig:
             and len(self.size) == 2
             and min(self.size) >= 1
             and self.fps > 0
+            and (self.clip_stride is None or self.clip_stride > 0)
+            and self.max_clips_per_video >= 1
             and self.shard_max_mb > 0
             and 0 <= self.max_failure_fraction <= 1
         ):
             raise DataError(
-                "Need frames >= 1, a positive size, fps > 0, shard_max_mb > 0 and "
-                f"0 <= max_failure_fraction <= 1, not {self}."
+                "Need frames >= 1, a positive size, fps > 0, a positive clip stride, at least "
+                "one clip per video, shard_max_mb > 0 and 0 <= max_failure_fraction <= 1, "
+                f"not {self}."
             )
+
+    @property
+    def stride(self) -> float:
+        return self.frames / self.fps if self.clip_stride is None else self.clip_stride
 
 
 # --- listing the inputs --------------------------------------------------------------------
@@ -80,6 +96,8 @@ class _Input:
     source: str  # how the manifest names it
     caption: str | None = None
     error: str | None = None  # why it is skipped before decoding, if it is
+    start: float = 0.0  # the span of the video the caption describes, in seconds
+    end: float | None = None  # None: to the end of the video
 
 
 def _caption_input(path: Path, root: Path, text: str | None, missing: str) -> _Input:
@@ -144,10 +162,15 @@ def _column(rows: list[dict], chosen: str | None, candidates: tuple[str, ...], w
 def _table_inputs(
     table: Path, videos: Path | None, path_column: str | None, caption_column: str | None
 ) -> list[_Input]:
-    """One input per row; a path without a suffix (WebVid's ``videoid``) gets ``.mp4``."""
+    """One input per row; a path without a suffix (WebVid's ``videoid``) gets ``.mp4``. A
+    row's start and end columns, when the file has them, bound the span its caption tells
+    of, so one video can appear in several rows with a caption per span."""
     rows = _table_rows(table)
     path_col = _column(rows, path_column, PATH_COLUMNS, "path")
     caption_col = _column(rows, caption_column, CAPTION_COLUMNS, "caption")
+    found = list(rows[0]) if rows else []
+    start_col = next((c for c in START_COLUMNS if c in found), None)
+    end_col = next((c for c in END_COLUMNS if c in found), None)
     root = videos if videos is not None else table.parent
     inputs = []
     for row in rows:
@@ -157,25 +180,56 @@ def _table_inputs(
             continue
         path = root / (name if Path(name).suffix else name + ".mp4")
         text = row.get(caption_col)
-        inputs.append(_caption_input(path, root, None if text is None else str(text), "missing"))
+        item = _caption_input(path, root, None if text is None else str(text), "missing")
+        try:
+            item.start = _seconds(row.get(start_col)) or 0.0
+            item.end = _seconds(row.get(end_col))
+            if item.start < 0 or (item.end is not None and item.end <= item.start):
+                raise ValueError
+        except ValueError:
+            times = f"{row.get(start_col)!r} to {row.get(end_col)!r}"
+            item.error = item.error or f"times: {times} is not a span of seconds"
+        inputs.append(item)
     return inputs
+
+
+def _seconds(value) -> float | None:
+    """Seconds from 12.5, "12.5" or "00:01:02.5"; None when empty."""
+    if value is None or str(value).strip() == "":
+        return None
+    total = 0.0
+    for part in str(value).strip().split(":"):
+        total = total * 60 + float(part)
+    if total != total or total in (float("inf"), float("-inf")):  # NaN or infinite
+        raise ValueError(value)
+    return total
 
 
 # --- decoding ------------------------------------------------------------------------------
 
 
-def _decode(job: tuple[str, int, tuple[int, int], float]) -> np.ndarray | str:
-    """The clip, or why the video cannot give one (runs in a worker process)."""
-    path, frames, size, fps = job
+def _decode(job: tuple) -> list[tuple[float, np.ndarray]] | str:
+    """The clips (start seconds, frames), or why the video cannot give one (runs in a
+    worker process)."""
+    path, config, window = job
     try:
-        return read_video(path, frames, fps, 0.0, size)
+        return read_clips(
+            Path(path),
+            config.frames,
+            config.fps,
+            config.size,
+            config.stride,
+            config.max_clips_per_video,
+            window,
+            config.scene_cuts,
+        )
     except VideoError as e:
         return e.reason
     except Exception as e:  # one odd file must not end a long run
         return f"unexpected {type(e).__name__}: {e}"
 
 
-def _decode_all(jobs: list, workers: int) -> Iterator[np.ndarray | str]:
+def _decode_all(jobs: list, workers: int) -> Iterator[list | str]:
     """Results in job order; at most a few jobs per worker in flight, to bound memory."""
     if workers <= 1:
         yield from map(_decode, jobs)
@@ -272,6 +326,9 @@ def prepare(
     frames: int = 16,
     size: int | tuple[int, int] = 64,
     fps: float = 8.0,
+    clip_stride: float | None = None,
+    max_clips_per_video: int = 16,
+    scene_cuts: bool = True,
     path_column: str | None = None,
     caption_column: str | None = None,
     shard_max_mb: float = 256,
@@ -279,24 +336,32 @@ def prepare(
     workers: int = 2,
     progress: bool = True,
 ) -> dict:
-    """Decode one clip per video into tar shards under ``out`` and return the manifest.
+    """Cut each video into clips, write them into tar shards in the folder ``out`` and
+    return the manifest.
 
     Inputs are the videos in the folder ``videos`` with sidecar ``.txt`` captions, or the
-    rows of ``captions`` (CSV/TSV/JSONL with path and caption columns; relative paths are
-    under ``videos``, else beside the captions file). Unreadable inputs are skipped and
+    rows of ``captions`` (CSV/TSV/JSONL with path and caption columns, and optional start and
+    end seconds; relative paths are under ``videos``, else beside the captions file). A video
+    gives a clip every ``clip_stride`` seconds (default: one clip length) inside each scene
+    (``scene_cuts``), at most ``max_clips_per_video``. Unreadable inputs are skipped and
     listed in the manifest; more than ``max_failure_fraction`` of them raises DataError.
-    ``workers`` > 1 decodes in that many processes.
+    ``out`` must be new, empty or shards t2v wrote. ``workers`` > 1 decodes in that many
+    processes.
     """
-    # 1. Check the options and list the inputs.
+    # 1. Check the options and the output folder, and list the inputs.
     config = PrepareConfig(
         frames=frames,
         size=size,
         fps=fps,
+        clip_stride=clip_stride,
+        max_clips_per_video=max_clips_per_video,
+        scene_cuts=scene_cuts,
         shard_max_mb=shard_max_mb,
         max_failure_fraction=max_failure_fraction,
         path_column=path_column,
         caption_column=caption_column,
     )
+    check_dir(out, "shards", SHARD_LAYOUT)
     videos = Path(videos) if videos is not None else None
     if captions is not None:
         inputs = _table_inputs(Path(captions), videos, path_column, caption_column)
@@ -306,19 +371,18 @@ def prepare(
         raise DataError(f"Give a folder of videos (not {videos}) or a captions file to prepare.")
     if not inputs:
         raise DataError(f"Found no videos in {captions or videos}; add some and run again.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # never leave a manifest naming stale shards
 
     # 2. Decode in worker processes; write samples in input order, whatever the scheduling.
-    writer = _ShardWriter(out, int(config.shard_max_mb * 2**20))
-    jobs = [(str(i.path), frames, config.size, fps) for i in inputs if i.error is None]
+    jobs = [(str(i.path), config, (i.start, i.end)) for i in inputs if i.error is None]
     limit = max_failure_fraction * len(inputs) + 1e-9
     skipped: list[dict] = []
+    clips: list[dict] = []  # where each sample came from
     with (
+        writing_dir(out, "shards", SHARD_LAYOUT) as tmp,
         closing(_decode_all(jobs, workers)) as results,
-        tqdm(total=len(inputs), disable=not progress, unit="clip", desc="preparing") as bar,
+        tqdm(total=len(inputs), disable=not progress, unit="video", desc="preparing") as bar,
     ):
+        writer = _ShardWriter(tmp, int(config.shard_max_mb * 2**20))
         for index, item in enumerate(inputs):
             result = item.error or next(results)
             if isinstance(result, str):
@@ -326,37 +390,39 @@ def prepare(
                 if len(skipped) > limit:
                     break  # the run has failed whatever the rest holds
             else:
-                meta = {"source": item.source, "frames": frames, "fps": fps, "size": [*config.size]}
-                npy, txt = _npy_bytes(result), item.caption.encode("utf-8")
-                writer.add(f"{index:09d}", {"npy": npy, "txt": txt, "json": _json_bytes(meta)})
+                for k, (start, clip) in enumerate(result):
+                    key = f"{index:09d}-{k:04d}"
+                    where = {"source": item.source, "start": round(start, 3)}
+                    where["end"] = round(start + frames / fps, 3)
+                    meta = where | {"frames": frames, "fps": fps, "size": [*config.size]}
+                    npy, txt = _npy_bytes(clip), item.caption.encode("utf-8")
+                    writer.add(key, {"npy": npy, "txt": txt, "json": _json_bytes(meta)})
+                    clips.append({"key": key, **where})
             bar.update()
-    writer.close()
+        writer.close()
 
-    # 3. Record everything, including what was skipped, even when the run failed.
-    complete = len(skipped) <= limit
-    settings = asdict(config) | {"size": [*config.size]}  # JSON has lists, not tuples
-    settings |= {"videos": videos and str(videos), "captions": captions and str(captions)}
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "complete": complete,
-        "inputs": len(inputs),
-        "samples": sum(s["samples"] for s in writer.shards),
-        "config": settings,
-        "shards": writer.shards,
-        "skipped": skipped,
-    }
-    _write_json(out / MANIFEST, manifest)
-    keep = {s["name"] for s in writer.shards}
-    for old in [*out.glob("shard-*.tar"), *out.glob("shard-*.tar.part")]:
-        if old.name not in keep:  # left by an earlier run into the same folder
-            old.unlink()
+        # 3. Record everything, including what was skipped, even when the run failed.
+        complete = len(skipped) <= limit
+        settings = asdict(config) | {"size": [*config.size]}  # JSON has lists, not tuples
+        settings |= {"videos": videos and str(videos), "captions": captions and str(captions)}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": complete,
+            "inputs": len(inputs),
+            "samples": sum(s["samples"] for s in writer.shards),
+            "config": settings,
+            "shards": writer.shards,
+            "skipped": skipped,
+            "clips": clips,
+        }
+        _write_json(tmp / MANIFEST, manifest)
     if not complete:
         raise DataError(
             f"{len(skipped)} of {len(inputs)} inputs failed "
             f"({100 * len(skipped) / len(inputs):.0f}%), over the "
             f"{100 * max_failure_fraction:g}% limit, so prepare stopped; see 'skipped' in "
-            f"{out / MANIFEST} for the reasons."
+            f"{Path(out) / MANIFEST} for the reasons."
         )
     return manifest
 
