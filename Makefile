@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.t2v-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test lint bench bench-encoders browser clean
+.PHONY: install demo test lint bench bench-encoders browser postgres clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ install: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
+# The shared-store tests start their own PostgreSQL cluster from Debian's server binaries.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q postgresql; }
+
 demo: install
 	$(VENV)/bin/t2v generate "a large red circle moving right" -o out/demo.mp4
 
-test: install browser
+test: install browser postgres
 	$(PY) -m pytest -q
 
 lint: install
