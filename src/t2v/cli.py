@@ -374,8 +374,10 @@ def _add_eval(sub) -> None:
         default="out/eval",
         help="folder for report.json and report.md: new, empty, or an earlier report",
     )
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance (default: model's)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps ({KNOB})")
+    p.add_argument(
+        "--guidance", type=float, default=None, help=f"classifier-free guidance scale ({KNOB})"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")
     p.add_argument("--batch-size", type=int, default=16, help="clips generated per batch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
