@@ -377,7 +377,8 @@ class Trainer:
     @torch.no_grad()
     def write_samples(self) -> Path:
         """A GIF grid from the source's held-out clips: the clips over their reconstructions
-        (autoencoder), or samples for their captions (generator)."""
+        (autoencoder), or samples for their captions (generator); beside it a .txt file
+        holds the captions, one per column."""
         from t2v.video import write_video
 
         clips, captions = self.source.held_out(SAMPLE_CLIPS)
@@ -390,7 +391,9 @@ class Trainer:
             seeds = list(range(len(captions)))
             rows = pipe.generate(list(captions), seeds, steps=min(20, pipe.config.steps))
         grid = np.concatenate(list(rows), axis=2)  # (T, H, W * n, 3)
-        return write_video(grid, self.out / "samples" / f"step-{self.step:07d}.gif")
+        gif = write_video(grid, self.out / "samples" / f"step-{self.step:07d}.gif")
+        gif.with_suffix(".txt").write_text("".join(f"{c}\n" for c in captions), encoding="utf-8")
+        return gif
 
     def finish(self) -> Path:
         """Write the stage's product: the autoencoder folder, or the whole model folder."""
