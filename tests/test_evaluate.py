@@ -222,3 +222,27 @@ def test_eval_cli_scores_a_saved_model(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "report.json").is_file() and (tmp_path / "clips" / "0000.gif").is_file()
     out = capsys.readouterr().out
     assert "| overall | 8 |" in out and str(tmp_path / "report.md") in out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_cli_scores_a_diffusers_model_and_says_what_the_scores_mean(
+    tiny_diffusers, tmp_path, capsys
+):
+    """Any model load_model takes: a tiny CogVideoX makes 17 frames of 64 px, which the
+    evaluation samples down to the reader's 16."""
+    report = ev.eval_cli(str(tiny_diffusers["cogvideox"]), 4, str(tmp_path), 1, None, 0, 4, "cpu")
+    assert report["model"]["kind"] == "CogVideoXPipeline" and report["count"] == 4
+    assert report["autoencoder_ceiling"] is None
+    assert "mean something only for a model tuned on Moving Shapes" in report["note"]
+    out = capsys.readouterr().out
+    assert "only for a model tuned on Moving Shapes" in out
+    assert "only for a model tuned on Moving Shapes" in (tmp_path / "report.md").read_text()
+
+
+def test_a_models_clips_are_brought_to_the_readers_format():
+    t, h, w = np.meshgrid(np.arange(17), np.arange(96), np.arange(128), indexing="ij")
+    frames = np.stack([t, h, w], axis=-1).astype(np.uint8)  # each pixel holds its position
+    clip = ev._resample(frames)
+    assert clip.shape == (16, 64, 64, 3)
+    assert clip[0, 0, 0].tolist() == [0, 0, 1] and clip[-1, -1, -1].tolist() == [16, 95, 127]
+    assert (np.diff(clip[..., 0].astype(int), axis=0) >= 1).all()  # frames kept in order

@@ -23,6 +23,11 @@ from t2v.reader import analyse, clip_features, frechet_distance, read_clip
 from t2v.shapes import FPS, ClipSpec, eval_specs, render
 
 ATTRIBUTES = ("color", "shape", "size", "direction")
+CLIP_FRAMES, CLIP_SIZE = 16, 64  # what the reader reads: Moving Shapes' clip format
+NOTE = (
+    "These scores read the colour, shape, size and motion of Moving Shapes objects, so they "
+    "mean something only for a model tuned on Moving Shapes."
+)
 EVAL_REPORT = "eval report"  # the kind of folder `--out` holds (see t2v.outputs)
 GROUPS = ("single_seen", "single_heldout", "two_object", "paraphrase")
 
@@ -212,9 +217,10 @@ def evaluate(
 ) -> dict:
     """Generate the ``count`` prompts of ``eval_set(count, seed)``, read them back and score.
 
-    ``pipe_or_generate_fn`` is a pipeline (its ``generate`` is used) or a function with the
-    same signature, ``(prompts, seeds, *, steps, guidance) -> uint8 (B, 16, 64, 64, 3)``;
-    clip i is generated with seed i. The Frechet distance to the rendered truth of the same
+    ``pipe_or_generate_fn`` is a `t2v.model.VideoModel` (any backend; its clips are brought
+    to 16 frames of 64x64, see `model_clips`), or an object with a ``generate`` or a function
+    ``(prompts, seeds, *, steps, guidance) -> uint8 (B, 16, 64, 64, 3)``; clip i is generated
+    with seed i. The Frechet distance to the rendered truth of the same
     prompts stands next to its floor, the distance between two disjoint rendered eval sets.
     For a pipeline, the report's "autoencoder_ceiling" scores the rendered truth after a round
     trip through its autoencoder (None for a bare function). With ``out_dir``, writes
@@ -224,7 +230,11 @@ def evaluate(
 
     if count < len(GROUPS):
         raise UserError(f"count must be at least {len(GROUPS)} (one clip per group), not {count}.")
-    generate = getattr(pipe_or_generate_fn, "generate", pipe_or_generate_fn)
+    model = pipe_or_generate_fn
+    if hasattr(model, "knobs") and hasattr(model, "resolve"):  # a VideoModel
+        generate = model_clips(model)
+    else:
+        generate = getattr(model, "generate", model)
     clips = eval_set(count, seed)
     shown = {i for g in GROUPS for i in [c.index for c in clips if c.group == g][:2]}
     reads, feats, kept = [], [], {}
@@ -260,7 +270,10 @@ def evaluate(
             for v in pipe_or_generate_fn.reconstruct(render(specs[i : i + batch_size]))
         ]
         ceiling = _score(round_trip, labels, groups)
+    info = getattr(model, "info", None)
     report = {
+        "model": None if info is None else {"id": info.id, "kind": info.kind},
+        "note": NOTE,
         "count": count,
         "seed": seed,
         "steps": steps,
@@ -295,6 +308,48 @@ def evaluate(
     if out_dir is not None:
         _write_report(report, {i: (clips[i].spec, v) for i, v in kept.items()}, Path(out_dir))
     return report
+
+
+def model_clips(model):
+    """A generate function over a `VideoModel` that returns clips the reader can read:
+    the model makes the allowed length and size nearest above 16 frames and 64 px (the
+    bundled model makes exactly those), and the clip is sampled down to 16 x 64 x 64."""
+    from t2v.model import GenerationRequest
+
+    k = model.knobs
+    frames, height, width = (
+        _at_least(r, n)
+        for r, n in ((k.frames, CLIP_FRAMES), (k.height, CLIP_SIZE), (k.width, CLIP_SIZE))
+    )
+
+    def generate(prompts, seeds, *, steps=None, guidance=None) -> np.ndarray:
+        requests = [
+            GenerationRequest(
+                p, seed=s, steps=steps, guidance=guidance, frames=frames, height=height, width=width
+            )
+            for p, s in zip(prompts, seeds, strict=True)
+        ]
+        return np.stack([_resample(v.frames) for v in model.generate(requests)])
+
+    return generate
+
+
+def _at_least(allowed, n: int) -> int:
+    """The allowed value nearest to ``n`` from above, else the largest allowed."""
+    if allowed.allows(n):
+        return n
+    return max(allowed.nearest(n))
+
+
+def _resample(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) -> (16, 64, 64, 3) by picking evenly spaced frames, rows and columns."""
+    t, h, w, _ = frames.shape
+    if (t, h, w) == (CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE):
+        return frames
+    ti = np.linspace(0, t - 1, CLIP_FRAMES).round().astype(int)
+    hi = ((np.arange(CLIP_SIZE) + 0.5) * h / CLIP_SIZE).astype(int)
+    wi = ((np.arange(CLIP_SIZE) + 0.5) * w / CLIP_SIZE).astype(int)
+    return np.ascontiguousarray(frames[ti][:, hi][:, :, wi])
 
 
 def format_table(report: dict) -> str:
@@ -350,6 +405,7 @@ def _write_report_files(
         " ceiling is `all` for the rendered truth passed through the model's autoencoder: the"
         " best the generator could reach.\n",
         format_table(report),
+        f"\n{report['note']}\n",
         "\n## Clips\n",
         *rows,
     ]
@@ -367,14 +423,14 @@ def eval_cli(
     batch_size: int,
     device: str,
 ) -> dict:
-    """`t2v eval`: load the model, evaluate it, print the table and where the report is."""
+    """`t2v eval`: load the model (any kind `t2v.backends.load_model` takes), evaluate it,
+    print the table, what the scores mean, and where the report is."""
+    from t2v.backends import load_model
     from t2v.outputs import check_dir
-    from t2v.pipeline import DEFAULT_MODEL_DIR, TextToVideoPipeline
 
     check_dir(out, EVAL_REPORT)  # refuse a folder we would not replace, before any work
-    pipe = TextToVideoPipeline.from_pretrained(model or DEFAULT_MODEL_DIR, device=device)
     report = evaluate(
-        pipe,
+        load_model(model, device=device),
         count=count,
         seed=seed,
         batch_size=batch_size,
@@ -383,5 +439,6 @@ def eval_cli(
         out_dir=out,
     )
     print(format_table(report))
+    print(report["note"])
     print(f"report: {Path(out) / 'report.md'}")
     return report
