@@ -287,6 +287,17 @@ def test_export_writes_any_kept_checkpoint_as_a_model_folder(generator_run, tmp_
     err = capsys.readouterr().err
     assert err == f"t2v: error: No checkpoint of step 2 in {out}; it has: 5, 6.\n"
     assert not (tmp_path / "s2").exists()
+    # -o replaces only what t2v wrote: an earlier export, never a file or a foreign folder.
+    assert main(["export", str(generator_run), "--step", "6", "-o", str(tmp_path / "s5")]) == 0
+    assert TextToVideoPipeline.from_pretrained(tmp_path / "s5", device="cpu")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "model.txt").write_text("mine")
+    for name in ("mine", "model.txt"):
+        assert main(["export", str(generator_run), "-o", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "model.txt").read_text() == "mine"
 
 
 def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint_to_resume_from(

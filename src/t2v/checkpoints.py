@@ -22,10 +22,19 @@ from t2v import config as cfg
 from t2v.errors import UserError
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from t2v.models.build import build_pipeline
+from t2v.outputs import check_dir, writing_dir
 from t2v.pipeline import TextToVideoPipeline
 from t2v.runtime import refuse_pickles
 from t2v.text import Tokenizer
 from t2v.train_config import TrainConfig
+
+# What a model folder holds, so one an older t2v wrote (without a marker) can be replaced.
+MODEL_LAYOUT = (
+    "pipeline.json",
+    "README.md",
+    "tokenizer.json",
+    *"text_encoder autoencoder generator".split(),
+)
 
 
 class TrainingError(UserError):
@@ -197,12 +206,14 @@ def trained_autoencoder(run_dir: Path) -> VideoAutoencoder:
 
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Write a generator checkpoint's EMA weights as a model folder, like the one the stage
-    writes at its end: the latest checkpoint, or the one of ``step``."""
+    writes at its end: the latest checkpoint, or the one of ``step``. ``out`` must be new,
+    empty or a model folder t2v wrote (see t2v.outputs)."""
     run_dir, out = Path(run_dir), Path(out)
     folder = run_dir / "generator"
     if not (folder / "config.json").is_file():
         raise TrainingError(f"No generator run at {run_dir}: {folder / 'config.json'} is missing.")
     checkpoint = checkpoint_of(folder, step)
+    check_dir(out, "model", MODEL_LAYOUT)
     c = cfg.load_json(TrainConfig, folder / "config.json")
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
@@ -215,7 +226,9 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     gen.load_state_dict(_prefixed(ema, "generator."))
     if te.trainable:
         te.load_state_dict(_prefixed(ema, "text_encoder."))
-    return TextToVideoPipeline(te, ae, gen, c.pipeline, "cpu").save_pretrained(out)
+    with writing_dir(out, "model", MODEL_LAYOUT) as tmp:
+        TextToVideoPipeline(te, ae, gen, c.pipeline, "cpu").save_pretrained(tmp)
+    return out
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
