@@ -1,20 +1,23 @@
 """The web API in-process: every status code, idempotency, limits, the Host/Origin guards,
-path traversal, API keys and the content filter.
+path traversal, API keys, the content filter, the model's knobs and the OpenAI shapes.
 
-The app runs with real SQLite and real PyAV encoding; the model is a stand-in called like
-`TextToVideoPipeline` whose sampling steps the test can hold, so that "running", "queued"
-and "cancelled mid-job" happen when the test says so. The real model is served by the
-subprocess tests (test_serve_lifecycle.py, test_browser.py).
+The app runs with real SQLite and real PyAV encoding; the model is a stand-in `VideoModel`
+whose sampling steps the test can hold, so that "in_progress", "queued" and "cancelled
+mid-job" happen when the test says so. Its knobs are Wan's kind (frames 4k+1, sizes in
+multiples of 16). The real model is served by the subprocess tests (test_serve_lifecycle.py,
+test_browser.py, test_openai_api.py).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 import threading
 import time
 
+import av
 import numpy as np
 import pytest
 import schemathesis
@@ -30,13 +33,13 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from servers import Server
+from t2v import backends
 from t2v.errors import UserError
-from t2v.pipeline import TextToVideoPipeline
+from t2v.model import Cancelled, FloatRange, IntRange, Knobs, ModelInfo
 from t2v.serve.app import ServeConfig, create_app
 from t2v.serve.auth import KeyStore
 from t2v.serve.store import MAX_ATTEMPTS, JobRequest
 from t2v.serve.store_sqlite import SqliteStore
-from t2v.text import PromptError
 from t2v.video import Video
 
 BASE = "http://127.0.0.1:8000"
@@ -47,43 +50,57 @@ CHECKS = [
     response_schema_conformance,
 ]
 ID = "A" * 22  # well-formed, never issued
+KNOBS = Knobs(
+    steps=IntRange(4, 1, 100),
+    guidance=FloatRange(5.0, 0.0, 20.0),
+    frames=IntRange(9, 5, 33, multiple=4, offset=1),
+    width=IntRange(32, 16, 64, multiple=16),
+    height=IntRange(32, 16, 64, multiple=16),
+    fps=FloatRange(8.0, 1.0, 60.0),
+)
 
 
-class HeldPipeline:
-    """Called like TextToVideoPipeline; each step waits until `go` is set."""
+class HeldModel:
+    """A `VideoModel` whose every step waits until `go` is set; it records what it ran."""
 
-    def __init__(self, steps: int = 4):
-        self.steps, self.calls = steps, []
+    info = ModelInfo(id="held", kind="test", description="A stand-in the tests hold.")
+    knobs = KNOBS
+
+    def __init__(self):
+        self.calls, self.requests = [], []
         self.go, self.at_step = threading.Event(), threading.Event()
         self.go.set()
 
-    def __call__(
-        self, prompt, *, negative_prompt=None, seed=0, steps=None, guidance=None, callback=None
-    ):
-        self.calls.append(prompt)
-        total = steps or self.steps
-        if prompt.startswith("explode"):
-            raise RuntimeError("a bug in the model")
-        for step in range(1, total + 1):
-            self.at_step.set()
-            assert self.go.wait(10), "the test never released the pipeline"
-            if callback:
-                callback(step, total)
-        return Video(np.full((4, 16, 16, 3), seed % 256, np.uint8), fps=8.0)
+    def resolve(self, request):
+        request = self.knobs.resolve(request)
+        if "xyzzy" in request.prompt:
+            raise UserError("The model knows none of the words in 'xyzzy'; describe a shape.")
+        return request
 
-    def check_prompt(self, prompt: str) -> str:
-        if "xyzzy" in prompt:
-            raise PromptError("The model knows none of the words in 'xyzzy'; describe a shape.")
-        return prompt
+    def generate(self, requests, progress=None, cancelled=None):
+        (r,) = requests
+        self.calls.append(r.prompt)
+        self.requests.append(r)
+        if r.prompt.startswith("explode"):
+            raise RuntimeError("a bug in the model")
+        for step in range(1, r.steps + 1):
+            self.at_step.set()
+            assert self.go.wait(10), "the test never released the model"
+            if cancelled is not None and cancelled():
+                raise Cancelled
+            if progress is not None:
+                progress(step, r.steps)
+        frames = np.full((r.frames, r.height, r.width, 3), r.seed % 256, np.uint8)
+        return [Video(frames, fps=r.fps)]
 
 
 @pytest.fixture
 def serve(tmp_path):
-    """serve(**config) -> (TestClient on a running app, its pipeline); stopped afterwards."""
+    """serve(**config) -> (TestClient on a running app, its model); stopped afterwards."""
     started = []
 
     def start(pipeline=None, **config):
-        pipeline = pipeline or HeldPipeline()
+        pipeline = pipeline or HeldModel()
         app = create_app(ServeConfig(data_dir=tmp_path / "data", **config), pipeline)
         client = TestClient(app, base_url=BASE, raise_server_exceptions=False)
         client.__enter__()
@@ -113,10 +130,23 @@ def wait_status(client, job_id, *statuses, headers=None):
 
 
 def assert_error(response, status):
+    """The OpenAI error shape, with one sentence; also the headers every response carries."""
     assert response.status_code == status, response.text
-    message = response.json()["error"]
+    error = response.json()["error"]
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    message = error["message"]
     assert message.endswith(".") and "\n" not in message, message
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["referrer-policy"] == "no-referrer"
     return message
+
+
+def decoded(content: bytes) -> tuple[int, int, int]:
+    """(frames, height, width) of a video file, read back with PyAV."""
+    with av.open(io.BytesIO(content)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), *frames[0].shape[:2]
 
 
 def test_generate_fetch_and_list_every_format(serve):
@@ -128,20 +158,23 @@ def test_generate_fetch_and_list_every_format(serve):
         r = client.post("/v1/videos", json={"prompt": "a red circle", "seed": 7, "format": fmt})
         assert r.status_code == 202 and r.json()["status"] == "queued"
         assert r.headers["location"] == f"/v1/videos/{r.json()['id']}"
-        job = wait_status(client, r.json()["id"], "succeeded")
-        assert job["progress"] == 1 and job["error"] is None and job["seed"] == 7
+        job = wait_status(client, r.json()["id"], "completed")
+        assert job["object"] == "video" and job["model"] == "held"
+        assert job["progress"] == 100 and job["error"] is None and job["seed"] == 7
+        assert job["completed_at"] >= job["created_at"] > 0
         video = client.get(job["content_url"])
         assert video.status_code == 200 and video.headers["content-type"] == types[fmt]
         assert signatures[fmt] in video.content[:16]
         ids.append(job["id"])
     listed = client.get("/v1/videos").json()
-    assert [j["id"] for j in listed["data"]] == ids[::-1] and listed["next_cursor"] is None
+    assert [j["id"] for j in listed["data"]] == ids[::-1] and listed["has_more"] is False
+    assert listed["object"] == "list" and listed["last_id"] == ids[0]
 
 
 def test_events_stream_progress_then_done(serve):
-    client, pipeline = serve(pipeline=HeldPipeline(steps=3))
+    client, pipeline = serve()
     pipeline.go.clear()
-    job_id = client.post("/v1/videos", json={"prompt": "a blue square"}).json()["id"]
+    job_id = client.post("/v1/videos", json={"prompt": "a blue square", "steps": 3}).json()["id"]
     threading.Timer(0.3, pipeline.go.set).start()  # the stream starts before the job ends
     with client.stream("GET", f"/v1/videos/{job_id}/events") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -149,7 +182,7 @@ def test_events_stream_progress_then_done(serve):
     kinds = [e.removeprefix("event: ") for e in events[::2]]
     jobs = [json.loads(e.removeprefix("data: ")) for e in events[1::2]]
     assert kinds[-1] == "done" and set(kinds[:-1]) == {"progress"}
-    assert jobs[-1]["status"] == "succeeded" and jobs[-1]["content_url"]
+    assert jobs[-1]["status"] == "completed" and jobs[-1]["content_url"]
     steps = [j["step"] for j in jobs]
     assert steps == sorted(steps) and steps[-1] == 3
 
@@ -174,12 +207,87 @@ def test_events_stream_progress_then_done(serve):
         ({"prompt": "a", "colour": "red"}, "Unknown field 'colour'"),
         ({"seed": 1}, "'prompt' is required"),
         ([1, 2], "JSON object"),
+        # strict numbers: a string or a boolean where a number belongs
+        ({"prompt": "a", "seed": "5"}, "seed"),
+        ({"prompt": "a", "seed": True}, "seed"),
+        ({"prompt": "a", "steps": "4"}, "steps"),
+        ({"prompt": "a", "guidance": False}, "guidance"),
+        ({"prompt": "a", "guidance": "6.0"}, "guidance"),
+        ({"prompt": "a", "frames": 9.0}, "frames"),
+        ({"prompt": "a", "seconds": True}, "seconds"),
+        # what the model cannot make: the nearest values it can, and no job
+        ({"prompt": "a", "frames": 10}, "the nearest are 9 or 13"),
+        ({"prompt": "a", "width": 40}, "the nearest are 32 or 48"),
+        ({"prompt": "a", "size": "40x32"}, "the nearest are 32 or 48"),
+        ({"prompt": "a", "size": "32x96"}, "height 96"),
+        ({"prompt": "a", "seconds": "10"}, "nearest durations it makes are 4.125 s"),
+        ({"prompt": "a", "size": "big"}, "size"),
+        ({"prompt": "a", "seconds": "four"}, "seconds"),
+        ({"prompt": "a", "seconds": "1", "frames": 9}, "not both"),
+        ({"prompt": "a", "size": "32x32", "width": 48}, "not both"),
+        ({"prompt": "a", "model": "sora-2"}, "serves the model 'held'"),
+        ({"prompt": "a", "fps": 0}, "fps"),
+        ({"prompt": "a", "input_reference": "x"}, "Unknown field 'input_reference'"),
     ],
 )
 def test_invalid_requests_get_422_with_one_sentence(serve, body, says):
     client, pipeline = serve()
     assert says in assert_error(client.post("/v1/videos", json=body), 422)
-    assert pipeline.calls == []
+    assert pipeline.calls == [] and client.get("/v1/videos").json()["data"] == []
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_lone_surrogate_is_a_422_not_a_500(serve, field):
+    client, pipeline = serve()
+    body = {"prompt": "a red circle", field: "a \ud800 circle"}  # JSON escapes it as \ud800
+    r = client.post(
+        "/v1/videos", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
+    assert "lone surrogate" in assert_error(r, 422)  # never a 500 from SQLite or the tokenizer
+    assert client.get("/v1/videos").json()["data"] == [] and pipeline.calls == []
+
+
+def test_knobs_map_to_the_video_made(serve):
+    """size and seconds (OpenAI's fields) and frames/width/height/fps (t2v's) reach the model,
+    the response says how many frames, and the file has them."""
+    client, pipeline = serve()
+    r = client.post("/v1/videos", json={"prompt": "a dog", "size": "48x16", "seconds": "2"})
+    job = r.json()
+    assert r.status_code == 202 and (job["width"], job["height"], job["frames"]) == (48, 16, 17)
+    assert job["size"] == "48x16" and job["seconds"] == "2.125" and job["fps"] == 8.0
+    done = wait_status(client, job["id"], "completed")
+    assert decoded(client.get(done["content_url"]).content) == (17, 16, 48)
+    body = {"prompt": "a dog", "frames": 5, "width": 16, "height": 64, "fps": 10.0, "steps": 2}
+    job = client.post("/v1/videos", json=body).json()
+    assert (job["seconds"], job["size"], job["steps"], job["guidance"]) == ("0.5", "16x64", 2, 5.0)
+    done = wait_status(client, job["id"], "completed")
+    assert decoded(client.get(done["content_url"]).content) == (5, 64, 16)
+    asked = [(r.frames, r.width, r.height, r.fps) for r in pipeline.requests]
+    assert asked == [(17, 48, 16, 8.0), (5, 16, 64, 10.0)]
+
+
+def test_a_multipart_form_is_taken_as_json_is(serve):
+    """OpenAI's clients POST a multipart form: numbers arrive as text and are read as such."""
+    client, pipeline = serve()
+    form = {"prompt": "a cat", "size": "16x16", "seconds": "1", "seed": "3", "guidance": "2"}
+    r = client.post("/v1/videos", files={k: (None, v) for k, v in form.items()})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert (job["frames"], job["seed"], job["guidance"], job["size"]) == (9, 3, 2.0, "16x16")
+    bad = client.post("/v1/videos", files={"prompt": (None, "a cat"), "seed": (None, "five")})
+    assert "seed" in assert_error(bad, 422)
+    upload = client.post("/v1/videos", files={"prompt": (None, "a"), "input_reference": b"png"})
+    assert "input_reference" in assert_error(upload, 422)
+
+
+def test_models_lists_the_knobs_the_page_builds_from(serve):
+    client, _ = serve()
+    (model,) = client.get("/v1/models").json()["data"]
+    assert (model["id"], model["object"], model["ready"]) == ("held", "model", True)
+    knobs = model["knobs"]
+    assert knobs["frames"] == {"default": 9, "min": 5, "max": 33, "multiple": 4, "offset": 1}
+    assert knobs["steps"]["max"] == 100 and knobs["guidance"]["default"] == 5.0
+    assert knobs["max_prompt_chars"] == 500 and knobs["formats"] == ["mp4", "webm", "gif"]
 
 
 def test_malformed_and_oversized_bodies_get_422(serve):
@@ -236,9 +344,9 @@ def test_content_is_409_until_the_job_succeeds(serve):
     pipeline.at_step.wait(5)
     assert "running" in assert_error(client.get(f"/v1/videos/{job_id}/content"), 409)
     running = client.get(f"/v1/videos/{job_id}").json()
-    assert running["status"] == "running" and running["content_url"] is None
+    assert running["status"] == "in_progress" and running["content_url"] is None
     pipeline.go.set()
-    wait_status(client, job_id, "succeeded")
+    wait_status(client, job_id, "completed")
     assert client.get(f"/v1/videos/{job_id}/content").status_code == 200
 
 
@@ -248,7 +356,7 @@ def test_cancel_queued_and_running_jobs(serve):
     running = client.post("/v1/videos", json={"prompt": "first"}).json()["id"]
     queued = client.post("/v1/videos", json={"prompt": "second"}).json()["id"]
     pipeline.at_step.wait(5)
-    assert wait_status(client, running, "running")["status"] == "running"
+    assert wait_status(client, running, "in_progress")["status"] == "in_progress"
 
     r = client.delete(f"/v1/videos/{queued}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -256,7 +364,7 @@ def test_cancel_queued_and_running_jobs(serve):
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     pipeline.go.set()  # the worker drops the job at its next step...
     after = client.post("/v1/videos", json={"prompt": "third"}).json()["id"]
-    wait_status(client, after, "succeeded")  # ...and goes on with the next one
+    wait_status(client, after, "completed")  # ...and goes on with the next one
     assert pipeline.calls == ["first", "third"]
     assert client.get(f"/v1/videos/{running}").json()["status"] == "cancelled"
     assert "cancelled" in assert_error(client.get(f"/v1/videos/{running}/content"), 409)
@@ -270,8 +378,9 @@ def test_a_failing_job_says_why_and_the_worker_goes_on(serve):
     bad = client.post("/v1/videos", json={"prompt": "explode please"}).json()["id"]
     good = client.post("/v1/videos", json={"prompt": "a red circle"}).json()["id"]
     failed = wait_status(client, bad, "failed")
-    assert "RuntimeError" in failed["error"] and failed["error"].endswith(".")
-    assert wait_status(client, good, "succeeded")
+    assert failed["error"]["code"] == "generation_failed"
+    assert "RuntimeError" in failed["error"]["message"] and failed["error"]["message"].endswith(".")
+    assert wait_status(client, good, "completed")
 
 
 def test_idempotency_key_returns_the_same_job(serve, tmp_path):
@@ -290,8 +399,8 @@ def test_idempotency_key_returns_the_same_job(serve, tmp_path):
     assert other.json()["id"] != first.json()["id"]
     changed = client.post("/v1/videos", json={**body, "seed": 4}, headers=alice)
     assert "different request" in assert_error(changed, 422)
-    wait_status(client, first.json()["id"], "succeeded", headers=alice)
-    wait_status(client, other.json()["id"], "succeeded", headers=bob)
+    wait_status(client, first.json()["id"], "completed", headers=alice)
+    wait_status(client, other.json()["id"], "completed", headers=bob)
     assert len(pipeline.calls) == 2
 
 
@@ -403,10 +512,16 @@ def test_serve_refuses_a_public_address_without_auth(tmp_path):
         ({"Host": "localhost:8000"}, 202),
         ({"Host": "[::1]:8000"}, 202),
         ({"Host": "t2v.lan"}, 202),  # --allowed-host
+        ({"Host": "example.com:8000"}, 202),  # --allowed-host Example.COM:8000, normalised
+        # behind a TLS proxy: --public-url https://t2v.example.org
+        ({"Host": "t2v.example.org", "Origin": "https://t2v.example.org"}, 202),
+        ({"Host": "t2v.example.org", "Origin": "https://evil.example"}, 403),
     ],
 )
 def test_origin_and_host_guards(serve, headers, status):
-    client, _ = serve(allowed_hosts=("t2v.lan",))
+    client, _ = serve(
+        allowed_hosts=("t2v.lan", "Example.COM:8000"), public_urls=("https://t2v.example.org",)
+    )
     r = client.post("/v1/videos", json={"prompt": "a red circle"}, headers=headers)
     assert r.status_code == status, r.text
     if status == 403:
@@ -414,32 +529,34 @@ def test_origin_and_host_guards(serve, headers, status):
         assert_error(client.get("/v1/videos", headers=headers), 403)
 
 
-def test_list_pages_with_a_cursor(serve):
+def test_list_pages_the_openai_way(serve):
     client, _ = serve()
     ids = [client.post("/v1/videos", json={"prompt": f"circle {i}"}).json()["id"] for i in range(5)]
-    seen, cursor = [], None
+    seen, params = [], {"limit": 2}
     while True:
-        page = client.get("/v1/videos", params={"limit": 2, "cursor": cursor or ""}).json()
+        page = client.get("/v1/videos", params=params).json()
         seen += [j["id"] for j in page["data"]]
-        cursor = page["next_cursor"]
-        if cursor is None:
+        assert page["first_id"] == page["data"][0]["id"]
+        if not page["has_more"]:
             break
+        params = {"limit": 2, "after": page["last_id"]}
     assert seen == ids[::-1]
-    assert_error(client.get("/v1/videos", params={"cursor": "../x"}), 422)
+    assert_error(client.get("/v1/videos", params={"after": "../x"}), 404)
     assert_error(client.get("/v1/videos", params={"limit": 0}), 422)
+    assert_error(client.get("/v1/videos", params={"order": "asc"}), 422)
 
 
 def test_readyz_is_503_while_loading_and_after_a_failed_load(tmp_path, monkeypatch):
     release, attempts = threading.Event(), []
 
-    def from_pretrained(path, device):
+    def load_model(path, *options):
         attempts.append(path)
         assert release.wait(10)
         if len(attempts) == 2:
             raise FileNotFoundError("No t2v model at /nowhere.")
-        return HeldPipeline()
+        return HeldModel()
 
-    monkeypatch.setattr(TextToVideoPipeline, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(backends, "load_model", load_model)
     fatal = threading.Event()
     for expected in (200, 503):
         app = create_app(ServeConfig(data_dir=tmp_path / "data"), on_fatal=fatal.set)
@@ -466,7 +583,7 @@ def test_draining_turns_readyz_503_and_refuses_new_jobs(serve):
     assert "shutting down" in assert_error(client.post("/v1/videos", json={"prompt": "a"}), 503)
     pipeline.go.set()
     drain.join(10)
-    assert client.get(f"/v1/videos/{job_id}").json()["status"] == "succeeded"
+    assert client.get(f"/v1/videos/{job_id}").json()["status"] == "completed"
 
 
 def test_jobs_that_keep_killing_the_server_are_failed_not_retried(tmp_path):
@@ -516,7 +633,7 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_schema(tmp_path, tiny
         real_id = server.post(prompt="a red circle", steps=2)
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 8
+        assert len(operations) == 9
         for operation in operations:
             ids = {"video_id": real_id} if "{video_id}" in operation.path else None
             cases = st.one_of(
@@ -541,9 +658,60 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_schema(tmp_path, tiny
         assert "Traceback" not in "".join(server.log)
 
 
-def test_docs_page_works_offline(serve):
-    """/docs serves Swagger UI from the package, with no CDN address in the page."""
+def test_a_tls_proxy_origin_is_refused_unless_named(serve):
+    """Without --public-url, the page's POST through an https proxy is cross-site to us."""
+    client, _ = serve(allowed_hosts=("t2v.example.org",))
+    headers = {"Host": "t2v.example.org", "Origin": "https://t2v.example.org"}
+    r = client.post("/v1/videos", json={"prompt": "a red circle"}, headers=headers)
+    assert "--public-url" in assert_error(r, 403)
+
+
+def test_405_keeps_allow_and_every_error_has_the_headers(serve):
     client, _ = serve()
+    r = client.put("/v1/videos", json={"prompt": "a"})
+    assert_error(r, 405)
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+    assert_error(client.get("/nowhere"), 404)
+    assert_error(client.post("/v1/videos", headers={"content-length": "x"}), 422)  # the Guard's
+    assert_error(client.get("/", headers={"Host": "evil.example"}), 403)  # the Guard's
+
+
+def mount_tmpfs(path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=False)
+    return done.returncode == 0
+
+
+def test_a_full_disk_is_a_503_with_retry_after(tmp_path):
+    """A real full filesystem (a 1 MiB tmpfs): a POST that cannot be stored is a 503."""
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "size=1m"):
+        pytest.skip("needs a tmpfs mount (root in a container that allows it)")
+    try:
+        app = create_app(ServeConfig(data_dir=disk / "data"), HeldModel())
+        with TestClient(app, base_url=BASE, raise_server_exceptions=False) as client:
+            wait_until(lambda: client.get("/readyz").status_code == 200)
+            assert client.post("/v1/videos", json={"prompt": "fits"}).status_code == 202
+            filler = disk / "filler"
+            with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            r = client.post("/v1/videos", json={"prompt": "a long " * 60 + "circle"})
+            assert "retry" in assert_error(r, 503) and int(r.headers["retry-after"]) > 0
+            filler.unlink()
+            assert client.post("/v1/videos", json={"prompt": "fits again"}).status_code == 202
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_docs_page_works_offline(serve):
+    """/docs serves Swagger UI from the package, with no CDN address in the page; ReDoc,
+    which would load its script and fonts from a CDN, is off."""
+    client, _ = serve()
+    assert_error(client.get("/redoc"), 404)
     page = client.get("/docs")
     assert page.status_code == 200
     assert "/docs-assets/swagger-ui-bundle.js" in page.text and "cdn" not in page.text.lower()

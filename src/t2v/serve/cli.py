@@ -12,7 +12,9 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from t2v.errors import UserError
 
@@ -56,6 +58,19 @@ def register_cli(subparsers) -> None:
         choices=["auto", "cpu", "cuda"],
         help="where the model runs; auto picks cuda when available (default: %(default)s)",
     )
+    serve.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="the model's number format; bf16 and fp16 need a GPU (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--offload",
+        default="none",
+        choices=["none", "model", "sequential"],
+        help="keep a large model's weights on the CPU until each part runs; GPU only "
+        "(default: %(default)s)",
+    )
     _data_dir_option(serve)
     serve.add_argument(
         "--auth",
@@ -68,8 +83,17 @@ def register_cli(subparsers) -> None:
         default=[],
         metavar="NAME",
         help="a further name clients may use in the Host header, e.g. the "
-        "machine's DNS name; repeatable (always allowed: localhost, 127.0.0.1, "
-        "::1 and --host)",
+        "machine's DNS name, without port; repeatable (always allowed: localhost, "
+        "127.0.0.1, ::1, --host and the names of --public-url)",
+    )
+    serve.add_argument(
+        "--public-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="the address users open the page at when a proxy that terminates TLS "
+        "forwards to this server, e.g. https://t2v.example.org; the page's requests "
+        "from there are then not refused as cross-site; repeatable",
     )
     serve.add_argument(
         "--queue-size",
@@ -168,6 +192,12 @@ def _serve(args: argparse.Namespace) -> None:
         raise UserError(f"The model directory {args.model} does not exist; check --model.")
     if not args.blocklist.is_file():
         raise UserError(f"The blocklist {args.blocklist} does not exist; check --blocklist.")
+    if not 0 <= args.port <= 65535:
+        raise UserError(
+            f"--port {args.port} is not a port; give 1 to 65535, or 0 for any free one."
+        )
+    allowed_hosts = tuple(_host_name(name) for name in args.allowed_host)
+    public_urls = tuple(_public_url(url) for url in args.public_url)
     if args.queue_size < 1 or args.rate_limit < 0 or args.drain_timeout < 0:
         raise UserError(
             "--queue-size must be at least 1, --rate-limit and --drain-timeout at least 0."
@@ -187,24 +217,67 @@ def _serve(args: argparse.Namespace) -> None:
             data_dir=args.data_dir,
             model_dir=args.model,
             device=args.device,
+            precision=args.precision,
+            offload=args.offload,
             host=args.host,
             port=args.port,
             auth=args.auth,
             queue_size=args.queue_size,
             rate_limit=args.rate_limit,
             blocklist=args.blocklist,
-            allowed_hosts=tuple(args.allowed_host),
+            allowed_hosts=allowed_hosts,
+            public_urls=public_urls,
             drain_timeout=args.drain_timeout,
         )
     )
 
 
+def _host_name(value: str) -> str:
+    """An --allowed-host as the Host check compares it: lower-case, without a port."""
+    from t2v.serve.guard import hostname
+
+    name = hostname(value.strip())
+    if "/" in value or not re.fullmatch(r"[a-z0-9._:-]+", name) or not name.strip(".:"):
+        raise UserError(
+            f"--allowed-host {value!r} is not a host name; give a name such as"
+            " t2v.example.org, without scheme or path."
+        )
+    return name
+
+
+def _public_url(value: str) -> str:
+    """A --public-url as an origin: scheme://host[:port], lower-case."""
+    try:
+        url = urlsplit(value.strip())
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    if (
+        url is None
+        or url.scheme not in ("http", "https")
+        or not url.hostname
+        or url.path
+        not in (
+            "",
+            "/",
+        )
+    ):
+        raise UserError(
+            f"--public-url {value!r} is not an origin; give the scheme and host users"
+            " open, such as https://t2v.example.org."
+        )
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    return f"{url.scheme}://{host}" + (f":{port}" if port else "")
+
+
 def _keys(args: argparse.Namespace):
     """The API keys of the store `--db` names, or of the data directory's SQLite file."""
+    from t2v.serve.app import data_dir_errors
     from t2v.serve.auth import KeyStore
     from t2v.serve.store import open_store
 
-    return KeyStore(open_store(getattr(args, "db", None), args.data_dir))
+    with data_dir_errors(args.data_dir):
+        return KeyStore(open_store(getattr(args, "db", None), args.data_dir))
 
 
 def _keys_create(args: argparse.Namespace) -> None:
@@ -220,8 +293,9 @@ def _keys_list(args: argparse.Namespace) -> None:
     def day(t):
         return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
 
+    keys = _keys(args).list()
     print(f"{'id':<12}  {'name':<24}  {'created':<16}  revoked")
-    for key in _keys(args).list():
+    for key in keys:
         print(f"{key.id:<12}  {key.name:<24}  {day(key.created_at):<16}  {day(key.revoked_at)}")
 
 
@@ -231,6 +305,23 @@ def _keys_revoke(args: argparse.Namespace) -> None:
 
 
 # --- running it --------------------------------------------------------------------------------
+
+# Query parameters that carry credentials, and a t2v key anywhere in a URL: never logged.
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:api[_-]?key|key|token|access[_-]?token|secret|password|auth\w*|sig\w*)=)[^&#]*"
+)
+_T2V_KEY = re.compile(r"t2v_[0-9a-f]{12}_[A-Za-z0-9_-]+")
+
+
+def _scrub_secrets(record: logging.LogRecord) -> bool:
+    """A logging filter for uvicorn's access log: the request line's key-like query values
+    and any t2v key are replaced by [redacted] (a refused key is still a key)."""
+    if isinstance(record.args, tuple) and len(record.args) >= 3:
+        args = list(record.args)
+        path = _SECRET_PARAM.sub(r"\1[redacted]", str(args[2]))
+        args[2] = _T2V_KEY.sub("[redacted]", path)
+        record.args = tuple(args)
+    return True
 
 
 def _run(config) -> None:
@@ -274,6 +365,7 @@ def _run(config) -> None:
             server_header=False,
         )
     )
+    logging.getLogger("uvicorn.access").addFilter(_scrub_secrets)  # after uvicorn's config
     server.run()
     if failed.is_set():
         raise UserError(app.state.queue.load_error)

@@ -281,6 +281,11 @@ class JobQueue:
     # --- the API the routes use --------------------------------------------------------------
 
     @property
+    def model(self):
+        """The loaded model, or None while it loads (or on a node without workers)."""
+        return self._pipe
+
+    @property
     def state(self) -> str:
         """'ready', 'starting', 'draining', 'failed', or 'unavailable' (the store is not
         reachable)."""

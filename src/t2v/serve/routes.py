@@ -1,29 +1,43 @@
 """The routes: thin translations of HTTP to `JobQueue` calls, and the page and its docs.
 
-`app.state` holds what `t2v.serve.app.create_app` built: `config`, `queue` and `keys`.
+`app.state` holds what `t2v.serve.app.create_app` built: `config`, `queue`, `keys` and
+`served` (the model: its knobs, and once loaded the model itself).
+
+POST /v1/videos takes JSON or a multipart form (the official OpenAI clients send forms). Its
+OpenAI fields map onto t2v's knobs: `size` "WxH" is width and height; `seconds` is frames at
+the request's fps (or the model's). The served model then checks every knob, so a value it
+cannot take is a 422 that names the nearest it can, and no job is created.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import ValidationError
 
+from t2v.errors import UserError
+from t2v.model import GenerationRequest, IntRange, Knobs, ModelInfo, VideoModel
 from t2v.serve.queue import FINISHED, Job, JobError, JobQueue, JobRequest
 from t2v.serve.schemas import (
     VIDEO_FORMATS,
     Health,
+    ModelList,
+    VideoCreate,
     VideoJob,
     VideoList,
-    VideoRequest,
     errors,
     job_view,
+    model_card,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -32,6 +46,33 @@ PAGE_CSP = (
     " frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 EVENTS_WAIT_S = 60.0  # FastAPI sends its own keep-alive comment every 15 s of silence
+_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+@dataclass
+class Served:
+    """The model this server runs: its knobs, read from its files before the weights load
+    (so requests are checked, and the page built, while it loads), and then the model."""
+
+    knobs: Knobs
+    info: ModelInfo  # until the model is loaded: its id as the folder gives it
+    created: float
+    queue: JobQueue
+
+    @property
+    def model(self) -> VideoModel | None:
+        model = self.queue.model
+        return model if isinstance(model, VideoModel) else None
+
+    @property
+    def id(self) -> str:
+        return self.model.info.id if self.model is not None else self.info.id
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """The model's own check once loaded (it may know more, e.g. its vocabulary)."""
+        return (self.model or self.knobs).resolve(request)
+
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -41,6 +82,10 @@ _bearer = HTTPBearer(
 
 def _queue(request: Request) -> JobQueue:
     return request.app.state.queue
+
+
+def _served(request: Request) -> Served:
+    return request.app.state.served
 
 
 def _caller(
@@ -63,6 +108,7 @@ def _caller(
 
 
 Queue = Annotated[JobQueue, Depends(_queue)]
+Model = Annotated[Served, Depends(_served)]
 Owner = Annotated[str, Depends(_caller)]
 
 
@@ -71,7 +117,11 @@ def _owned_job(video_id: str, owner: Owner, queue: Queue) -> Job:
     return queue.get(video_id, owner)
 
 
-# --- the page, its docs and health -------------------------------------------------------------
+def _view(job: Job, served: Served) -> VideoJob:
+    return job_view(job, served.id, served.knobs)
+
+
+# --- the page, its docs, health and the model --------------------------------------------------
 
 site = APIRouter()
 
@@ -108,12 +158,22 @@ def readyz(queue: Queue):
             {
                 "starting": "The model is still loading; retry in a few seconds.",
                 "draining": "The server is shutting down and takes no new work.",
-                "failed": queue.load_error
-                or "The worker stopped unexpectedly; the server log has the details.",
-            }[state],
+                "unavailable": "The job store cannot be reached; retry in a few seconds.",
+            }.get(state)
+            or queue.load_error
+            or "The worker stopped unexpectedly; the server log has the details.",
             retry_after=5,
         )
     return Health(status="ready")
+
+
+@site.get("/v1/models", response_model=ModelList, responses=errors(401), tags=["models"])
+def list_models(served: Model, queue: Queue, owner: Owner):
+    """The served model, its knobs with their defaults and limits (the page builds its form
+    from them), and whether it is loaded."""
+    info = served.model.info if served.model is not None else served.info
+    ready = queue.state == "ready"
+    return ModelList(data=[model_card(info, served.knobs, ready, served.created)])
 
 
 # --- videos ------------------------------------------------------------------------------------
@@ -121,12 +181,121 @@ def readyz(queue: Queue):
 videos = APIRouter(prefix="/v1/videos", tags=["videos"])
 
 
-@videos.post("", status_code=202, response_model=VideoJob, responses=errors(401, 429, 503))
+def _form_values(form) -> dict:
+    """A form's fields as JSON would give them: numbers for the numeric knobs (forms carry
+    only text); anything else stays text, for the strict schema to refuse."""
+    numeric = {"seed", "steps", "frames", "width", "height", "guidance", "fps"}
+    values = {}
+    for name, value in form.multi_items():
+        if not isinstance(value, str):
+            values[name] = "<a file>"
+        elif name in numeric and _NUMBER.fullmatch(value):
+            values[name] = float(value) if "." in value else int(value)
+        else:
+            values[name] = value
+    if isinstance(values.get("guidance"), int):
+        values["guidance"] = float(values["guidance"])
+    if isinstance(values.get("fps"), int):
+        values["fps"] = float(values["fps"])
+    return values
+
+
+async def _video_create(request: Request) -> VideoCreate:
+    """The body of POST /v1/videos, as JSON or as a multipart (or urlencoded) form."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    try:
+        if kind in _FORMS:
+            return VideoCreate.model_validate(_form_values(await request.form()))
+        return VideoCreate.model_validate_json(await request.body())
+    except ValidationError as e:
+        errs = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        raise RequestValidationError(errs) from None
+
+
+_BODY_SCHEMA = VideoCreate.model_json_schema()
+
+
+def _frames_for(seconds: float, fps: float, frames: IntRange) -> int:
+    """Frames for `seconds` at `fps`: the allowed count nearest seconds x fps, if it is
+    within one frame step of it; otherwise a sentence naming the durations on offer."""
+    wanted = seconds * fps
+    best = min(frames.nearest(round(wanted)), key=lambda n: abs(n - wanted))
+    if abs(best - wanted) <= max(1, frames.multiple) and frames.allows(best):
+        return best
+    near = " or ".join(f"{n / fps:g}" for n in frames.nearest(round(wanted)))
+    raise UserError(
+        f"seconds {seconds:g} is not possible for this model at {fps:g} fps; the nearest"
+        f" durations it makes are {near} s (frames {frames.lo} to {frames.hi})."
+    )
+
+
+def _job_request(body: VideoCreate, served: Served) -> JobRequest:
+    """The request in t2v's knobs, checked and with every default filled in by the model."""
+    if body.model is not None and body.model != served.id:
+        raise UserError(
+            f"This server serves the model '{served.id}', not '{body.model[:100]}';"
+            " ask for it, or leave model out."
+        )
+    width, height = body.width, body.height
+    if body.size is not None:
+        size = tuple(int(n) for n in body.size.split("x"))
+        if (width, height) not in ((None, None), size):
+            raise UserError("Give size, or width and height, not both.")
+        width, height = size
+    frames = body.frames
+    if body.seconds is not None:
+        if frames is not None:
+            raise UserError("Give seconds or frames, not both.")
+        fps = body.fps if body.fps is not None else served.knobs.fps.default
+        frames = _frames_for(float(body.seconds), fps, served.knobs.frames)
+    knobs = served.resolve(
+        GenerationRequest(
+            body.prompt,
+            body.negative_prompt,
+            body.seed,
+            body.steps,
+            body.guidance,
+            frames,
+            width,
+            height,
+            body.fps,
+        )
+    )
+    return JobRequest(
+        prompt=knobs.prompt,
+        negative_prompt=knobs.negative_prompt or None,
+        seed=knobs.seed,
+        steps=knobs.steps,
+        guidance=knobs.guidance,
+        format=body.format,
+        frames=knobs.frames,
+        width=knobs.width,
+        height=knobs.height,
+        fps=knobs.fps,
+    )
+
+
+@videos.post(
+    "",
+    status_code=202,
+    response_model=VideoJob,
+    responses=errors(401, 429, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                kind: {"schema": _BODY_SCHEMA}
+                for kind in ("application/json", "multipart/form-data")
+            },
+        }
+    },
+)
 def create_video(
-    body: VideoRequest,
+    body: Annotated[VideoCreate, Depends(_video_create)],
     response: Response,
     owner: Owner,
     queue: Queue,
+    served: Model,
     idempotency_key: str | None = Header(
         None,
         min_length=1,
@@ -135,35 +304,40 @@ def create_video(
     ),
 ):
     """Queue a generation; 202 with the job, whose status starts as `queued`."""
-    job, replayed = queue.submit(owner, JobRequest(**body.model_dump()), idempotency_key)
+    job, replayed = queue.submit(owner, _job_request(body, served), idempotency_key)
     response.headers["Location"] = f"/v1/videos/{job.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return job_view(job)
+    return _view(job, served)
 
 
-@videos.get("", response_model=VideoList, responses=errors(401))
+@videos.get("", response_model=VideoList, responses=errors(401, 404))
 def list_videos(
     owner: Owner,
     queue: Queue,
+    served: Model,
     limit: int = Query(20, ge=1, le=100, description="Jobs per page."),
-    cursor: str | None = Query(
-        None, pattern=r"^[0-9]{0,18}$", description="The `next_cursor` of the previous page."
+    after: str | None = Query(
+        None, max_length=64, description="The `last_id` of the previous page."
     ),
+    order: Literal["desc"] = Query("desc", description="Newest first (the only order)."),
 ):
-    """The caller's jobs, newest first."""
-    jobs = queue.list(owner, limit + 1, int(cursor) if cursor else None)
-    more = len(jobs) > limit
+    """The caller's jobs, newest first, `limit` at a time."""
+    before = queue.get(after, owner).seq if after else None
+    jobs = queue.list(owner, limit + 1, before)
+    page = jobs[:limit]
     return VideoList(
-        data=[job_view(j) for j in jobs[:limit]],
-        next_cursor=str(jobs[limit - 1].seq) if more else None,
+        data=[_view(j, served) for j in page],
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(jobs) > limit,
     )
 
 
 @videos.get("/{video_id}", response_model=VideoJob, responses=errors(401, 404))
-def get_video(job: Annotated[Job, Depends(_owned_job)]):
-    """The job's status, progress (0 to 1) and, when it failed, the reason."""
-    return job_view(job)
+def get_video(job: Annotated[Job, Depends(_owned_job)], served: Model):
+    """The job's status, progress (0 to 100) and, when it failed, the reason."""
+    return _view(job, served)
 
 
 @videos.get(
@@ -177,8 +351,13 @@ def get_video(job: Annotated[Job, Depends(_owned_job)]):
         **errors(401, 404, 409, json_route=False),
     },
 )
-def get_content(video_id: str, owner: Owner, queue: Queue):
-    """The video; 409 while the job has not succeeded (yet), 404 for an unknown id."""
+def get_content(
+    video_id: str,
+    owner: Owner,
+    queue: Queue,
+    variant: Literal["video"] = Query("video", description="Only the video itself."),
+):
+    """The video; 409 while the job has not completed (yet), 404 for an unknown id."""
     job, path = queue.video(video_id, owner)
     return FileResponse(
         path,
@@ -195,17 +374,17 @@ def get_content(video_id: str, owner: Owner, queue: Queue):
     responses=errors(401, 404, json_route=False),
 )
 async def video_events(
-    job: Annotated[Job, Depends(_owned_job)], owner: Owner, queue: Queue
+    job: Annotated[Job, Depends(_owned_job)], owner: Owner, queue: Queue, served: Model
 ) -> AsyncIterable[VideoJob]:
-    """Server-sent events: `progress` with the job while it is queued or running, then one
-    `done` when it has finished."""
+    """Server-sent events: `progress` with the job while it is queued or in progress, then
+    one `done` when it has finished."""
     last = None
     while True:
         version = queue.changes.version
         job = queue.get(job.id, owner)
         if job != last:
             kind = "done" if job.status in FINISHED else "progress"
-            yield ServerSentEvent(data=job_view(job), event=kind)
+            yield ServerSentEvent(data=_view(job, served), event=kind)
             last = job
         if job.status in FINISHED or queue.changes.closed:
             return
@@ -213,6 +392,7 @@ async def video_events(
 
 
 @videos.delete("/{video_id}", response_model=VideoJob, responses=errors(401, 404, 409))
-def cancel_video(video_id: str, owner: Owner, queue: Queue):
-    """Cancel a queued or running job (a running one stops at its next sampling step)."""
-    return job_view(queue.cancel(video_id, owner))
+def cancel_video(video_id: str, owner: Owner, queue: Queue, served: Model):
+    """Cancel a queued or running job (a running one stops before its next sampling step);
+    t2v's addition: its status becomes `cancelled`."""
+    return _view(queue.cancel(video_id, owner), served)
