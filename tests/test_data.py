@@ -381,3 +381,18 @@ def test_prepare_never_replaces_what_it_did_not_write(prepared, tmp_path, capsys
     shutil.copytree(root / "shards", tmp_path / "shards")
     again = prepare(root / "videos", tmp_path / "shards", max_failure_fraction=0.5, **OPTIONS)
     assert again["samples"] == GOOD and len(list((tmp_path / "shards").glob("*.tar"))) == 1
+
+
+def test_the_clip_format_defaults_to_the_bundled_models(tmp_path):
+    from t2v.backends import read_knobs
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    two_shots(folder / "a.mp4", seconds=2.5)
+    (folder / "a.txt").write_text("a red then a blue frame")
+    manifest = prepare(folder, tmp_path / "shards", workers=1, progress=False)
+    knobs, config = read_knobs(), manifest["config"]
+    assert config["frames"] == knobs.frames.default and config["fps"] == knobs.fps.default
+    assert config["size"] == [knobs.height.default, knobs.width.default]
+    clips, _ = ShardSource(tmp_path / "shards").batch(0, 1)
+    assert clips.shape[1:4] == (knobs.frames.default, knobs.height.default, knobs.width.default)

@@ -94,9 +94,13 @@ def _add_data(sub) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="output folder for the shards and manifest.json"
     )
-    p.add_argument("--frames", type=int, default=16, help="frames per clip")
-    p.add_argument("--size", type=int, default=64, help="clip height and width in pixels")
-    p.add_argument("--fps", type=float, default=8.0, help="frames per second to sample at")
+    p.add_argument("--frames", type=int, help="frames per clip (default: the bundled model's)")
+    p.add_argument(
+        "--size", type=int, help="clip height and width in pixels (default: the bundled model's)"
+    )
+    p.add_argument(
+        "--fps", type=float, help="frames per second to sample at (default: the bundled model's)"
+    )
     p.add_argument(
         "--clip-stride",
         type=float,
@@ -106,7 +110,6 @@ def _add_data(sub) -> None:
     p.add_argument(
         "--max-clips-per-video",
         type=int,
-        default=16,
         metavar="N",
         help="most clips cut from one video, spread evenly over it",
     )
@@ -146,22 +149,21 @@ def _data_prepare(a) -> None:
 
     if a.videos is None and a.captions is None:
         raise UserError("Give --videos DIR, --captions FILE, or both.")
-    manifest = prepare(
-        a.videos,
-        a.out,
-        a.captions,
-        frames=a.frames,
-        size=a.size,
-        fps=a.fps,
-        clip_stride=a.clip_stride,
-        max_clips_per_video=a.max_clips_per_video,
-        scene_cuts=a.scene_cuts,
-        path_column=a.path_column,
-        caption_column=a.caption_column,
-        shard_max_mb=a.shard_max_mb,
-        max_failure_fraction=a.max_failure_fraction,
-        workers=a.workers,
-    )
+    settings = {
+        "frames": a.frames,
+        "size": a.size,
+        "fps": a.fps,
+        "clip_stride": a.clip_stride,
+        "max_clips_per_video": a.max_clips_per_video,
+        "scene_cuts": a.scene_cuts,
+        "path_column": a.path_column,
+        "caption_column": a.caption_column,
+        "shard_max_mb": a.shard_max_mb,
+        "max_failure_fraction": a.max_failure_fraction,
+    }
+    # Options left out take PrepareConfig's defaults, their one home.
+    settings = {k: v for k, v in settings.items() if v is not None}
+    manifest = prepare(a.videos, a.out, a.captions, workers=a.workers, **settings)
     print(
         f"{manifest['samples']} clips in {len(manifest['shards'])} shards, "
         f"{len(manifest['skipped'])} inputs skipped: {a.out / 'manifest.json'}"

@@ -47,11 +47,13 @@ class DataError(UserError):
 
 @dataclass
 class PrepareConfig:
-    """How clips are cut from the source videos; saved in the manifest."""
+    """How clips are cut from the source videos; saved, resolved, in the manifest."""
 
-    frames: int = 16
-    size: tuple[int, int] = (64, 64)  # (H, W)
-    fps: float = 8.0
+    # The clip format; None: the bundled model's (its frames, height x width and fps), so
+    # that prepared data fits the recipe unless told otherwise.
+    frames: int | None = None
+    size: int | tuple[int, int] | None = None  # (H, W), or one number for both
+    fps: float | None = None
     # Seconds from one clip's start to the next one's in a video; None: the clip's length,
     # so a video's clips follow each other without overlap.
     clip_stride: float | None = None
@@ -63,6 +65,16 @@ class PrepareConfig:
     caption_column: str | None = None
 
     def __post_init__(self):
+        if None in (self.frames, self.size, self.fps):
+            from t2v.backends import read_knobs  # JSON only: no torch, no weights
+
+            knobs = read_knobs()
+            if self.frames is None:
+                self.frames = knobs.frames.default
+            if self.size is None:
+                self.size = (knobs.height.default, knobs.width.default)
+            if self.fps is None:
+                self.fps = knobs.fps.default
         if isinstance(self.size, int):
             self.size = (self.size, self.size)
         self.size = tuple(self.size)
@@ -323,48 +335,29 @@ def prepare(
     out: Path,
     captions: Path | None = None,
     *,
-    frames: int = 16,
-    size: int | tuple[int, int] = 64,
-    fps: float = 8.0,
-    clip_stride: float | None = None,
-    max_clips_per_video: int = 16,
-    scene_cuts: bool = True,
-    path_column: str | None = None,
-    caption_column: str | None = None,
-    shard_max_mb: float = 256,
-    max_failure_fraction: float = 0.1,
     workers: int = 2,
     progress: bool = True,
+    **settings,
 ) -> dict:
     """Cut each video into clips, write them into tar shards in the folder ``out`` and
     return the manifest.
 
     Inputs are the videos in the folder ``videos`` with sidecar ``.txt`` captions, or the
     rows of ``captions`` (CSV/TSV/JSONL with path and caption columns, and optional start and
-    end seconds; relative paths are under ``videos``, else beside the captions file). A video
-    gives a clip every ``clip_stride`` seconds (default: one clip length) inside each scene
-    (``scene_cuts``), at most ``max_clips_per_video``. Unreadable inputs are skipped and
-    listed in the manifest; more than ``max_failure_fraction`` of them raises DataError.
-    ``out`` must be new, empty or shards t2v wrote. ``workers`` > 1 decodes in that many
-    processes.
+    end seconds; relative paths are under ``videos``, else beside the captions file).
+    ``settings`` are fields of PrepareConfig: a video gives a clip every ``clip_stride``
+    seconds inside each scene (``scene_cuts``), at most ``max_clips_per_video``. Unreadable
+    inputs are skipped and listed in the manifest; more than ``max_failure_fraction`` of
+    them raises DataError. ``out`` must be new, empty or shards t2v wrote. ``workers`` > 1
+    decodes in that many processes.
     """
     # 1. Check the options and the output folder, and list the inputs.
-    config = PrepareConfig(
-        frames=frames,
-        size=size,
-        fps=fps,
-        clip_stride=clip_stride,
-        max_clips_per_video=max_clips_per_video,
-        scene_cuts=scene_cuts,
-        shard_max_mb=shard_max_mb,
-        max_failure_fraction=max_failure_fraction,
-        path_column=path_column,
-        caption_column=caption_column,
-    )
+    config = PrepareConfig(**settings)
+    frames, fps = config.frames, config.fps
     check_dir(out, "shards", SHARD_LAYOUT)
     videos = Path(videos) if videos is not None else None
     if captions is not None:
-        inputs = _table_inputs(Path(captions), videos, path_column, caption_column)
+        inputs = _table_inputs(Path(captions), videos, config.path_column, config.caption_column)
     elif videos is not None and videos.is_dir():
         inputs = _folder_inputs(videos)
     else:
@@ -374,7 +367,7 @@ def prepare(
 
     # 2. Decode in worker processes; write samples in input order, whatever the scheduling.
     jobs = [(str(i.path), config, (i.start, i.end)) for i in inputs if i.error is None]
-    limit = max_failure_fraction * len(inputs) + 1e-9
+    limit = config.max_failure_fraction * len(inputs) + 1e-9
     skipped: list[dict] = []
     clips: list[dict] = []  # where each sample came from
     with (
@@ -421,7 +414,7 @@ def prepare(
         raise DataError(
             f"{len(skipped)} of {len(inputs)} inputs failed "
             f"({100 * len(skipped) / len(inputs):.0f}%), over the "
-            f"{100 * max_failure_fraction:g}% limit, so prepare stopped; see 'skipped' in "
+            f"{100 * config.max_failure_fraction:g}% limit, so prepare stopped; see 'skipped' in "
             f"{Path(out) / MANIFEST} for the reasons."
         )
     return manifest
