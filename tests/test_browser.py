@@ -69,6 +69,17 @@ def test_generate_and_watch_the_video_play(tmp_path, tiny_model_dir, browser):
         assert page.evaluate(UNLABELLED) == []
         page.get_by_label("Prompt", exact=True).fill("a red circle moving right")
         page.get_by_text("Options").click()
+        # the form is built from the model's knobs, as GET /v1/models states them
+        knobs = server.client.get("/v1/models").json()["data"][0]["knobs"]
+        page.locator("#model", has_text="frames").wait_for()
+        assert page.get_by_label("Steps").get_attribute("max") == str(knobs["steps"]["max"])
+        assert page.get_by_label("Steps").get_attribute("placeholder") == str(
+            knobs["steps"]["default"]
+        )
+        frames = page.get_by_label("Frames", exact=True)
+        assert frames.is_disabled() and frames.input_value() == str(knobs["frames"]["default"])
+        maxlength = page.get_by_label("Prompt", exact=True).get_attribute("maxlength")
+        assert maxlength == str(knobs["max_prompt_chars"])
         page.get_by_label("Steps").fill("20")
         page.get_by_label("Seed").fill("3")
         page.get_by_role("button", name="Generate").click()
@@ -82,7 +93,7 @@ def test_generate_and_watch_the_video_play(tmp_path, tiny_model_dir, browser):
         assert link.get_attribute("download").endswith(".mp4")
         history = page.locator("#history li").first
         history.filter(has_text="a red circle moving right").wait_for()
-        assert "succeeded" in history.inner_text() and "seed 3" in history.inner_text()
+        assert "completed" in history.inner_text() and "seed 3" in history.inner_text()
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
         page.reload()  # the history comes from the API, so it survives a reload

@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from t2v.model import Knobs, ModelInfo
+from t2v.model import SEED, Knobs, ModelInfo
 from t2v.serve.queue import Job
 from t2v.video import FORMATS
 
@@ -152,6 +152,7 @@ class FloatKnob(BaseModel):
 
 
 class KnobsView(BaseModel):
+    seed: IntKnob
     steps: IntKnob
     guidance: FloatKnob
     frames: IntKnob
@@ -253,6 +254,7 @@ def model_card(info: ModelInfo, knobs: Knobs, ready: bool, created: float) -> Mo
         tested=info.tested,
         ready=ready,
         knobs=KnobsView(
+            seed=_int_knob(SEED),
             steps=_int_knob(knobs.steps),
             guidance=FloatKnob(
                 default=knobs.guidance.default, min=knobs.guidance.lo, max=knobs.guidance.hi

@@ -1,17 +1,20 @@
 // t2v page: queue a generation through the REST API, follow its server-sent events, show the
 // video, and list past generations. Plain JS, no build step, nothing loaded from elsewhere.
+// The options form is built from the served model's knobs (GET /v1/models): their defaults
+// and limits are stated once, by the model, never typed here.
 // Events and videos are read with fetch() (not EventSource or <video src>) so that the API key,
 // when the server needs one, travels in the Authorization header and never in a URL.
 "use strict";
 
 const KEY_STORAGE = "t2v-api-key";
-const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
+const FINISHED = new Set(["completed", "failed", "cancelled"]);
+const KNOBS = ["seed", "steps", "guidance", "frames", "width", "height", "fps"];
 const $ = (id) => document.getElementById(id);
 
 let current = null;        // the job shown in the "Current video" section
 let following = null;      // AbortController of the events stream being read
 let resultUrl = null;      // object URL of the video shown, revoked when replaced
-let historyCursor = null;  // next_cursor of the history list
+let historyAfter = null;   // last_id of the history list, while it has more
 
 class ApiError extends Error {}
 
@@ -22,7 +25,7 @@ async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers });
   if (response.ok) return response;
   const body = await response.json().catch(() => ({}));
-  const message = body.error || `The server answered ${response.status}.`;
+  const message = body.error?.message || `The server answered ${response.status}.`;
   if (response.status === 401) askForKey(message);
   throw new ApiError(message);
 }
@@ -33,28 +36,63 @@ function askForKey(message) {
   $("api-key").focus();
 }
 
+// The first value a knob allows: offset + k * multiple, at or above its minimum.
+function first(knob) {
+  return knob.offset + Math.ceil((knob.min - knob.offset) / knob.multiple) * knob.multiple;
+}
+
+function showKnobs(model) {
+  const knobs = model.knobs;
+  $("prompt").maxLength = knobs.max_prompt_chars;
+  $("negative-row").hidden = !knobs.negative_prompt;
+  for (const name of KNOBS) {
+    const knob = knobs[name], input = $(name);
+    const whole = "multiple" in knob;
+    input.min = whole ? first(knob) : knob.min;
+    input.max = knob.max;
+    if (whole) input.step = knob.multiple;
+    input.placeholder = String(knob.default);
+    input.disabled = knob.min === knob.max;  // fixed by the model: shown, not asked
+    if (input.disabled) input.value = knob.default;
+  }
+  $("format").replaceChildren(...knobs.formats.map((format) => {
+    const option = document.createElement("option");
+    option.value = format;
+    option.textContent = format.toUpperCase();
+    return option;
+  }));
+  const seconds = knobs.frames.default / knobs.fps.default;
+  $("model").textContent = `Model ${model.id}: by default ${knobs.frames.default} frames of `
+    + `${knobs.width.default}×${knobs.height.default} at ${knobs.fps.default} fps `
+    + `(${Math.round(seconds * 100) / 100} s).`;
+}
+
+async function loadModel() {
+  const { data } = await (await api("/v1/models")).json();
+  showKnobs(data[0]);
+}
+
 function readOptions() {
-  const number = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
-  return {
-    prompt: $("prompt").value,
-    negative_prompt: $("negative_prompt").value.trim() || null,
-    seed: number("seed") ?? 0,
-    steps: number("steps"),
-    guidance: number("guidance"),
-    format: $("format").value,
-  };
+  const body = { prompt: $("prompt").value, format: $("format").value };
+  const negative = $("negative_prompt").value.trim();
+  if (negative && !$("negative-row").hidden) body.negative_prompt = negative;
+  for (const name of KNOBS) {
+    const input = $(name);
+    if (!input.disabled && input.value.trim() !== "") body[name] = Number(input.value);
+  }
+  return body;
 }
 
 function describe(job) {
   switch (job.status) {
     case "queued": return "Queued: waiting for the jobs ahead of it.";
-    case "running": {
+    case "in_progress": {
       if (!job.total_steps) return "Starting…";
       const eta = job.eta_seconds == null ? "" : `, about ${Math.ceil(job.eta_seconds)} s left`;
       return `Step ${job.step} of ${job.total_steps}${eta}.`;
     }
-    case "succeeded": return "Done.";
-    case "failed": return `Failed: ${job.error}`;
+    case "completed": return "Done.";
+    case "failed": return `Failed: ${job.error?.message}`;
     default: return "Cancelled.";
   }
 }
@@ -63,7 +101,7 @@ function showStatus(job) {
   $("job").hidden = false;
   $("status").textContent = describe(job);
   $("status").classList.toggle("error", job.status === "failed");
-  $("progress").value = job.progress;
+  $("progress").value = job.progress;  // 0 to 100
   $("cancel").hidden = FINISHED.has(job.status);
 }
 
@@ -139,7 +177,7 @@ async function generate(event) {
     showStatus(current);
     refreshHistory();
     current = await follow(current);
-    if (current.status === "succeeded") await showVideo(current);
+    if (current.status === "completed") await showVideo(current);
   } catch (error) {
     if (error.name !== "AbortError") showError(error.message);
   } finally {
@@ -163,10 +201,10 @@ function historyItem(job) {
   prompt.textContent = job.prompt;
   const meta = document.createElement("span");
   meta.className = "meta";
-  meta.textContent = ` · ${job.status} · ${job.format} · seed ${job.seed} · `
-    + new Date(job.created_at).toLocaleString();
+  meta.textContent = ` · ${job.status} · ${job.format} · ${job.size} · ${job.seconds} s`
+    + ` · seed ${job.seed} · ${new Date(job.created_at * 1000).toLocaleString()}`;
   item.append(prompt, meta);
-  if (job.status === "succeeded") {
+  if (job.status === "completed") {
     const show = document.createElement("button");
     show.type = "button";
     show.className = "secondary";
@@ -183,12 +221,12 @@ function historyItem(job) {
 
 async function loadHistory(append) {
   const query = new URLSearchParams({ limit: "20" });
-  if (append && historyCursor) query.set("cursor", historyCursor);
+  if (append && historyAfter) query.set("after", historyAfter);
   const page = await (await api(`/v1/videos?${query}`)).json();
   const items = page.data.map(historyItem);
   if (append) $("history").append(...items); else $("history").replaceChildren(...items);
-  historyCursor = page.next_cursor;
-  $("more").hidden = !historyCursor;
+  historyAfter = page.has_more ? page.last_id : null;
+  $("more").hidden = !historyAfter;
   $("history-empty").hidden = $("history").children.length > 0;
 }
 
@@ -201,6 +239,7 @@ function saveKey(event) {
   localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
   $("api-key").value = "";
   $("key-form").hidden = true;
+  loadModel().catch(() => {});
   refreshHistory();
 }
 
@@ -209,5 +248,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("key-form").addEventListener("submit", saveKey);
   $("cancel").addEventListener("click", cancel);
   $("more").addEventListener("click", () => loadHistory(true).catch(() => {}));
+  loadModel().catch((error) => {
+    if ($("key-form").hidden) showError(error.message);  // a 401 already asked for a key
+  });
   refreshHistory();
 });
