@@ -125,8 +125,8 @@ class Server:
 
 
 def done(job: dict) -> bool:
-    return job["status"] in ("succeeded", "failed", "cancelled")
+    return job["status"] in ("completed", "failed", "cancelled")
 
 
 def stepping(job: dict) -> bool:
-    return job["status"] == "running" and job["step"] >= 1
+    return job["status"] == "in_progress" and job["step"] >= 1
