@@ -20,36 +20,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from t2v.errors import UserError
-from t2v.model import Cancelled, GenerationRequest, VideoModel
 from t2v.serve.store import (
     FINISHED,
     MAX_ATTEMPTS,
     Job,
     JobError,
     JobRequest,
+    LiveModel,
     SqlStore,
     StoreUnavailable,
     request_hash,
 )
-from t2v.text import PromptError, normalize
+from t2v.serve.worker import HEARTBEAT_S, LIVE_S, Worker
+from t2v.text import PromptError, normalize, normalize_negative
 
 __all__ = ["FINISHED", "MAX_ATTEMPTS", "Job", "JobError", "JobQueue", "JobRequest", "Worker"]
 
 log = logging.getLogger("t2v.serve")
-
-PROGRESS_INTERVAL_S = 0.1  # at most this often a running job's progress is written
-HEARTBEAT_S = 5.0  # how often a worker says it is alive (and renews its job's lease)
-LIVE_S = 3 * HEARTBEAT_S  # a worker not heard from for this long serves nothing
-RETRY_S = 1.0  # how often a worker retries writing a job's outcome the store refused
 
 
 class Changes:
@@ -87,159 +80,6 @@ class Changes:
         finally:
             with self._lock:
                 self._waiters.discard(waiter)
-
-
-def model_name(model) -> str:
-    """The name jobs use for `model`: its `ModelInfo.id`."""
-    info = getattr(model, "info", None)
-    return info.id if info is not None else "t2v"
-
-
-def model_card(model) -> dict:
-    """What `GET /v1/models` shows of a model a worker serves."""
-    info = getattr(model, "info", None)
-    if info is None:
-        return {"id": "t2v", "kind": "t2v"}
-    return {"id": info.id, "kind": info.kind, "description": info.description}
-
-
-class Worker:
-    """Runs jobs from the store on one loaded model, one at a time, under a renewed lease.
-
-    `stop` makes the running job go back to the queue at its next step; the caller's loop
-    decides when to stop claiming. `run_one` returns False when nothing was queued.
-    """
-
-    def __init__(
-        self,
-        store: SqlStore,
-        model,
-        *,
-        name: str | None = None,
-        lease_s: float = 60.0,
-        stop: threading.Event | None = None,
-        on_change: Callable[[], None] = lambda: None,
-    ):
-        self.store, self.model, self.lease_s = store, model, lease_s
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self.model_id = model_name(model)
-        self.stop = stop or threading.Event()
-        self.on_change = on_change
-        self.current: Job | None = None
-
-    def heartbeat(self) -> None:
-        """Say this worker is alive and renew its job's lease (call every `HEARTBEAT_S`)."""
-        self.store.heartbeat(self.name, self.model_id, model_card(self.model))
-        job = self.current
-        if job is not None and not self.store.renew(job.id, self.name, self.lease_s):
-            log.warning("job %s is no longer this worker's (cancelled or lease lost)", job.id)
-
-    def run_one(self) -> bool:
-        job = self.store.claim_next(self.name, self.model_id, self.lease_s)
-        if job is None:
-            return False
-        self.current = job
-        try:
-            self._execute(job)
-        finally:
-            self.current = None
-            self.on_change()
-        return True
-
-    def _execute(self, job: Job) -> None:
-        self.on_change()
-        last_write, failure = 0.0, None
-
-        def cancelled() -> bool:
-            if failure is not None or self.stop.is_set():
-                return True
-            try:
-                return self._lost(job)
-            except StoreUnavailable:  # unreachable for now: keep going; the lease decides
-                return False
-
-        def progress(step: int, total: int) -> None:
-            nonlocal last_write, failure
-            if cancelled():
-                raise Cancelled
-            if step == total or time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
-                try:
-                    self.store.set_progress(job.id, step, total, self.name)
-                except StoreUnavailable as e:
-                    failure = f"The server could not record the job's progress: {e.message}"
-                    raise Cancelled from e
-                last_write = time.monotonic()
-                self.on_change()
-
-        path = self.store.video_path(job)
-        try:
-            video = _generate(self.model, job, progress, cancelled)
-            video.save(path, format=job.format)  # the file appears only once complete
-        except Cancelled:
-            if failure is not None:
-                self._finish(job, "failed", failure)
-            elif self.stop.is_set() and not self._lost(job):
-                self.store.requeue(job.id, count_attempt=False, worker=self.name)
-                log.info("job %s interrupted by shutdown; queued again", job.id)
-            else:
-                log.info("job %s cancelled", job.id)
-            return
-        except (UserError, ValueError) as e:  # the model's one-sentence refusals
-            self._finish(job, "failed", str(e))
-            return
-        except OSError as e:  # e.g. no space left for the video
-            log.exception("job %s: writing its video failed", job.id)
-            self._finish(job, "failed", f"The server could not write the video ({e.strerror}).")
-            return
-        except Exception as e:
-            log.exception("job %s failed", job.id)
-            why = f"Generation failed ({type(e).__name__}); the server log has the details."
-            self._finish(job, "failed", why)
-            return
-        if not self._finish(job, "succeeded") and self.store.status(job.id) != "succeeded":
-            path.unlink(missing_ok=True)  # cancelled (or taken over) while it was encoded
-
-    def _lost(self, job: Job) -> bool:
-        """Whether the job was cancelled, or is no longer this worker's."""
-        current = self.store.get(job.id, None)
-        return current is None or current.status != "running" or current.worker != self.name
-
-    def _finish(self, job: Job, status: str, error: str | None = None) -> bool:
-        """Record the outcome, retrying while the store refuses writes (a full disk) until
-        it accepts them or this worker stops (then the next start re-queues the job)."""
-        while True:
-            try:
-                return self.store.finish(job.id, status, error, self.name)
-            except StoreUnavailable:
-                log.warning("job %s: the store refused its outcome; retrying", job.id)
-                if self.stop.wait(RETRY_S):
-                    return False
-
-
-def _generate(model, job: Job, progress, cancelled):
-    """One video for `job` through the model protocol."""
-    request = GenerationRequest(
-        job.prompt,
-        job.negative_prompt,
-        job.seed,
-        job.steps,
-        job.guidance,
-        job.frames,
-        job.width,
-        job.height,
-        job.fps,
-    )
-    if isinstance(model, VideoModel):
-        return model.generate([model.resolve(request)], progress=progress, cancelled=cancelled)[0]
-    # A callable like the bundled pipeline's __call__, until it implements VideoModel.
-    return model(
-        job.prompt,
-        negative_prompt=job.negative_prompt,
-        seed=job.seed,
-        steps=job.steps,
-        guidance=job.guidance,
-        callback=progress,
-    )
 
 
 class JobQueue:
@@ -306,6 +146,7 @@ class JobQueue:
         if self._draining.is_set() or self._stop.is_set():
             raise JobError(503, "The server is shutting down; retry in a minute.", retry_after=60)
         req = _checked(req, self._blocked_term)
+        self._check_model(req.model)
         if (check := getattr(self._pipe, "check_prompt", None)) is not None:
             try:  # e.g. a prompt the model knows no word of: refuse now, not after queueing
                 check(req.prompt)
@@ -340,6 +181,23 @@ class JobQueue:
         self._wake.set()
         self.changes.notify()
         return job, False
+
+    def live_models(self) -> list[LiveModel]:
+        """The models that live workers (in this process or any other) serve, by name."""
+        return self.store.live_models(LIVE_S)
+
+    def _check_model(self, model: str | None) -> None:
+        """A job that names a model goes only to workers serving it: refuse one none serves.
+        A job that names none goes to any worker (a deployment of one model needs no name)."""
+        if model is None:
+            return
+        served = [m.id for m in self.live_models()]
+        if model not in served:
+            names = ", ".join(f"'{m}'" for m in served) or "none right now"
+            raise JobError(
+                422,
+                f"No worker serves the model '{model[:60]}'; the models served are {names}.",
+            )
 
     def get(self, job_id: str, owner: str) -> Job:
         job = self.store.get(job_id, owner)
@@ -477,11 +335,7 @@ def _checked(req: JobRequest, blocked_term: Callable[[str], str | None]) -> JobR
 
 
 def _negative_prompt(text: str | None) -> str | None:
-    try:
-        normalize(text or "", max_chars=None)
-    except PromptError:
-        return None  # a negative prompt that normalises to nothing is no negative prompt
-    try:
-        return normalize(text)
+    try:  # nothing visible is no negative prompt: the rule of t2v.text, on every path
+        return normalize_negative(text) or None
     except PromptError as e:
-        raise JobError(422, str(e).replace("The prompt", "The negative prompt", 1)) from None
+        raise JobError(422, str(e)) from None

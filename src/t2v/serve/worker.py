@@ -1,0 +1,308 @@
+"""Workers: `Worker` runs jobs from the store on one model (the threads of `t2v serve` and
+the `t2v worker` process alike); `t2v worker` is a process that does so from a shared
+PostgreSQL store.
+
+Start one per GPU, on any machine that reaches the database and mounts the shared media
+folder (`--data-dir`, where the API nodes read the videos):
+
+    t2v worker --db postgresql://t2v@db/t2v --model ~/models/wan-1.3b --data-dir /mnt/media
+
+The worker claims one job at a time for its model (or naming none), holds a lease that it
+renews every few seconds, and records the outcome only while the lease is its own. A worker
+that dies loses its lease: after `--lease-seconds` another worker takes the job (a job whose
+worker died `MAX_ATTEMPTS` times fails with the reason). SIGTERM finishes the running job,
+then exits; a second SIGTERM, or Ctrl-C, puts the job back in the queue at its next step.
+A lost database is waited for with backoff, never a crash loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from t2v.errors import UserError
+from t2v.model import Cancelled, GenerationRequest, VideoModel
+from t2v.serve.store import Job, SqlStore, StoreUnavailable
+
+log = logging.getLogger("t2v.serve")
+
+PROGRESS_INTERVAL_S = 0.1  # at most this often a running job's progress is written
+HEARTBEAT_S = 5.0  # how often a worker says it is alive (and renews its job's lease)
+LIVE_S = 3 * HEARTBEAT_S  # a worker not heard from for this long serves nothing
+RETRY_S = 1.0  # how often a worker retries writing a job's outcome the store refused
+
+
+def model_name(model) -> str:
+    """The name jobs use for `model`: its `ModelInfo.id`."""
+    info = getattr(model, "info", None)
+    return info.id if info is not None else "t2v"
+
+
+def model_card(model) -> dict:
+    """What `GET /v1/models` shows of a model a worker serves."""
+    info = getattr(model, "info", None)
+    if info is None:
+        return {"id": "t2v", "kind": "t2v"}
+    return {"id": info.id, "kind": info.kind, "description": info.description}
+
+
+class Worker:
+    """Runs jobs from the store on one loaded model, one at a time, under a renewed lease.
+
+    `stop` makes the running job go back to the queue at its next step; the caller's loop
+    decides when to stop claiming. `run_one` returns False when nothing was queued.
+    """
+
+    def __init__(
+        self,
+        store: SqlStore,
+        model,
+        *,
+        name: str | None = None,
+        lease_s: float = 60.0,
+        stop: threading.Event | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.store, self.model, self.lease_s = store, model, lease_s
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.model_id = model_name(model)
+        self.stop = stop or threading.Event()
+        self.on_change = on_change
+        self.current: Job | None = None
+
+    def heartbeat(self) -> None:
+        """Say this worker is alive and renew its job's lease (call every `HEARTBEAT_S`)."""
+        self.store.heartbeat(self.name, self.model_id, model_card(self.model))
+        job = self.current
+        if job is not None and not self.store.renew(job.id, self.name, self.lease_s):
+            log.warning("job %s is no longer this worker's (cancelled or lease lost)", job.id)
+
+    def run_one(self) -> bool:
+        job = self.store.claim_next(self.name, self.model_id, self.lease_s)
+        if job is None:
+            return False
+        self.current = job
+        try:
+            self._execute(job)
+        finally:
+            self.current = None
+            self.on_change()
+        return True
+
+    def _execute(self, job: Job) -> None:
+        self.on_change()
+        last_write, failure = 0.0, None
+
+        def cancelled() -> bool:
+            if failure is not None or self.stop.is_set():
+                return True
+            try:
+                return self._lost(job)
+            except StoreUnavailable:  # unreachable for now: keep going; the lease decides
+                return False
+
+        def progress(step: int, total: int) -> None:
+            nonlocal last_write, failure
+            if cancelled():
+                raise Cancelled
+            if step == total or time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
+                try:
+                    self.store.set_progress(job.id, step, total, self.name)
+                except StoreUnavailable as e:
+                    failure = f"The server could not record the job's progress: {e.message}"
+                    raise Cancelled from e
+                last_write = time.monotonic()
+                self.on_change()
+
+        path = self.store.video_path(job)
+        try:
+            video = _generate(self.model, job, progress, cancelled)
+            video.save(path, format=job.format)  # the file appears only once complete
+        except Cancelled:
+            if failure is not None:
+                self._finish(job, "failed", failure)
+            elif self.stop.is_set() and not self._lost(job):
+                self.store.requeue(job.id, count_attempt=False, worker=self.name)
+                log.info("job %s interrupted by shutdown; queued again", job.id)
+            else:
+                log.info("job %s cancelled", job.id)
+            return
+        except (UserError, ValueError) as e:  # the model's one-sentence refusals
+            self._finish(job, "failed", str(e))
+            return
+        except OSError as e:  # e.g. no space left for the video
+            log.exception("job %s: writing its video failed", job.id)
+            self._finish(job, "failed", f"The server could not write the video ({e.strerror}).")
+            return
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            why = f"Generation failed ({type(e).__name__}); the server log has the details."
+            self._finish(job, "failed", why)
+            return
+        if not self._finish(job, "succeeded") and self.store.status(job.id) != "succeeded":
+            path.unlink(missing_ok=True)  # cancelled (or taken over) while it was encoded
+
+    def _lost(self, job: Job) -> bool:
+        """Whether the job was cancelled, or is no longer this worker's."""
+        current = self.store.get(job.id, None)
+        return current is None or current.status != "running" or current.worker != self.name
+
+    def _finish(self, job: Job, status: str, error: str | None = None) -> bool:
+        """Record the outcome, retrying while the store refuses writes (a full disk) until
+        it accepts them or this worker stops (then the next start re-queues the job)."""
+        while True:
+            try:
+                return self.store.finish(job.id, status, error, self.name)
+            except StoreUnavailable:
+                log.warning("job %s: the store refused its outcome; retrying", job.id)
+                if self.stop.wait(RETRY_S):
+                    return False
+
+
+def _generate(model, job: Job, progress, cancelled):
+    """One video for `job` through the model protocol."""
+    request = GenerationRequest(
+        job.prompt,
+        job.negative_prompt,
+        job.seed,
+        job.steps,
+        job.guidance,
+        job.frames,
+        job.width,
+        job.height,
+        job.fps,
+    )
+    if isinstance(model, VideoModel):
+        return model.generate([model.resolve(request)], progress=progress, cancelled=cancelled)[0]
+    # A callable like the bundled pipeline's __call__, until it implements VideoModel.
+    return model(
+        job.prompt,
+        negative_prompt=job.negative_prompt,
+        seed=job.seed,
+        steps=job.steps,
+        guidance=job.guidance,
+        callback=progress,
+    )
+
+
+def register_cli(subparsers, data_dir_option) -> None:
+    """Add `t2v worker` to an argparse subparsers object (`data_dir_option(parser)` adds the
+    shared --data-dir option)."""
+    worker = subparsers.add_parser(
+        "worker",
+        help="Run queued jobs from a shared PostgreSQL store on one model.",
+        description="Claim jobs for one model from the database that `t2v serve --db` nodes "
+        "share, one at a time, and write their videos to --data-dir (which every node must "
+        "share). SIGTERM finishes the running job, then exits; Ctrl-C puts it back in the "
+        "queue.",
+    )
+    worker.add_argument(
+        "--db",
+        required=True,
+        metavar="URL",
+        help="the shared store, postgresql://user@host/database",
+    )
+    worker.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the model folder this worker serves (default: the model bundled with t2v)",
+    )
+    data_dir_option(worker)
+    worker.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs; auto picks cuda when available (default: %(default)s)",
+    )
+    worker.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long a job stays this worker's without a renewal; a dead worker's job "
+        "returns to the queue after it (default: %(default)s)",
+    )
+    worker.set_defaults(func=_worker)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    if not args.db.startswith(("postgresql://", "postgres://")):
+        raise UserError(
+            "t2v worker needs --db postgresql://...; the SQLite store is for one server."
+        )
+    if not 3 <= args.lease_seconds <= 86400:
+        raise UserError("--lease-seconds must be from 3 to 86400.")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    run_worker(args.db, args.model, args.data_dir, args.device, args.lease_seconds)
+
+
+def run_worker(
+    db: str, model_dir: Path | None, data_dir: Path, device: str, lease_s: float
+) -> None:
+    """Serve jobs until SIGTERM (finish the running job) or SIGINT (put it back)."""
+    from t2v import backends
+    from t2v.serve.store import open_store
+
+    store = open_store(db, data_dir)
+    draining, stop, wake = threading.Event(), threading.Event(), threading.Event()
+
+    def on_signal(sig, frame):
+        if sig == signal.SIGTERM and not draining.is_set():
+            log.info("SIGTERM: finishing the running job, then exiting")
+            draining.set()
+        else:
+            log.info("stopping: the running job goes back to the queue")
+            draining.set()
+            stop.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    model = backends.load_model(model_dir, device)
+    worker = Worker(store, model, lease_s=lease_s, stop=stop)
+    log.info("worker %s serves model '%s'", worker.name, worker.model_id)
+
+    def heartbeats():
+        while not stop.wait(min(HEARTBEAT_S, lease_s / 3)):
+            try:
+                worker.heartbeat()
+            except StoreUnavailable:
+                log.warning("the database is unreachable; the heartbeat will be retried")
+
+    try:
+        worker.heartbeat()
+    except StoreUnavailable:
+        log.warning("the database is unreachable; waiting for it")
+    threading.Thread(target=heartbeats, name="t2v-heartbeat", daemon=True).start()
+    store.listen(wake.set)  # a new job wakes the worker at once; it polls every second anyway
+    backoff = 0.5
+    try:
+        while not draining.is_set():
+            wake.clear()
+            try:
+                if worker.run_one():
+                    backoff = 0.5
+                    continue
+            except StoreUnavailable:
+                log.warning("the database is unreachable; retrying in %.0f s", backoff)
+                wake.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            wake.wait(1.0)
+    finally:
+        stop.set()
+        try:
+            store.forget_worker(worker.name)
+        except StoreUnavailable:
+            pass
+        store.close()
+    log.info("worker %s stopped", worker.name)
