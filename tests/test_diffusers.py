@@ -221,3 +221,17 @@ def test_another_text_to_video_class_runs_as_untested(tiny_diffusers, tmp_path):
         960,
         6.0,
     )
+
+
+def test_the_pipelines_from_pretrained_takes_a_diffusers_folder_too(tiny_diffusers):
+    from t2v.pipeline import TextToVideoPipeline
+
+    model = TextToVideoPipeline.from_pretrained(tiny_diffusers["ltx"], device="cpu")
+    assert isinstance(model, VideoModel) and model.info.kind == "LTXPipeline"
+
+
+def test_a_folder_of_neither_kind_is_one_sentence(tmp_path):
+    with pytest.raises(ModelError, match="neither pipeline.json .* nor model_index.json"):
+        load_model(tmp_path, device="cpu")
+    with pytest.raises(ModelError, match="No model folder at"):
+        read_knobs(tmp_path / "missing")

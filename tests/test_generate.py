@@ -402,3 +402,19 @@ def test_importing_the_pipeline_loads_no_training_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_running_out_of_memory_is_a_generation_failure_with_a_reason(tiny_model_dir, monkeypatch):
+    import torch
+
+    from t2v.backends import load_model
+    from t2v.model import GenerationFailed, GenerationRequest
+
+    model = load_model(tiny_model_dir, device="cpu")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(model.generator, "forward", out_of_memory)
+    with pytest.raises(GenerationFailed, match="ran out of memory"):
+        model.generate([GenerationRequest(PROMPT, steps=1)])

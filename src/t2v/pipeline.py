@@ -120,9 +120,15 @@ class TextToVideoPipeline:
         precision: str = "fp32",
         offload: str = "none",
     ) -> TextToVideoPipeline:
-        """Load a t2v model folder (None: the bundled model). ``offload`` exists for the
-        diffusers backend's sake; a t2v model is small, so only "none" is taken."""
+        """Load a t2v model folder (None: the bundled model). A diffusers folder (with
+        model_index.json) is handed to `t2v.backends.load_model`, which returns a
+        `VideoModel` of its own kind. ``offload`` exists for the diffusers backend's sake; a
+        t2v model is small, so only "none" is taken."""
         path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if (path / "model_index.json").is_file() and not (path / "pipeline.json").is_file():
+            from t2v.backends import load_model
+
+            return load_model(path, device, precision, offload)
         if offload != "none":
             check_offload(offload, resolve_device(device))
             raise ModelError(

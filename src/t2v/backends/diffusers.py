@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,10 +225,11 @@ def _pipeline_class(name: str):
 
 class DiffusersModel:
     """A diffusers text-to-video pipeline as a `t2v.model.VideoModel`. One generation runs
-    at a time (diffusers' schedulers keep state), as the server's single worker ensures."""
+    at a time: diffusers' pipelines and schedulers keep state between steps."""
 
     def __init__(self, pipe, info: ModelInfo, knobs: Knobs, device):
         self.pipe, self.info, self.knobs, self.device = pipe, info, knobs, device
+        self._lock = threading.Lock()
         params = inspect.signature(type(pipe).__call__).parameters
         self._frame_rate = "frame_rate" in params  # LTX conditions on the frame rate
         transformer = getattr(pipe, "transformer", None)
@@ -309,7 +311,7 @@ class DiffusersModel:
             options = {"frame_rate": int(round(r.fps))} if self._frame_rate else {}
             if self._text_length:
                 options["max_sequence_length"] = self._text_length
-            with torch.no_grad(), out_of_memory_fails():
+            with self._lock, torch.no_grad(), out_of_memory_fails():
                 frames = self.pipe(
                     prompt=r.prompt,
                     negative_prompt=r.negative_prompt or None,
