@@ -235,3 +235,26 @@ def test_a_folder_of_neither_kind_is_one_sentence(tmp_path):
         load_model(tmp_path, device="cpu")
     with pytest.raises(ModelError, match="No model folder at"):
         read_knobs(tmp_path / "missing")
+
+
+def test_a_component_class_the_library_lacks_is_one_sentence(tiny_diffusers, tmp_path):
+    folder = _copy(tiny_diffusers, tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = ["diffusers", "AutoencoderKLNowhere"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="'AutoencoderKLNowhere', which the installed diffusers"):
+        load_model(folder, device="cpu")
+
+
+def test_loading_and_generating_never_touch_the_network(tiny_diffusers, monkeypatch):
+    import os
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("t2v tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    model = load_model(tiny_diffusers["cogvideox"], device="cpu")
+    assert model.generate([small("cogvideox")])[0].frames.shape[0] == SMALL["cogvideox"][0]
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -158,9 +158,11 @@ class TextToVideoPipeline:
             id="t2v-moving-shapes" if path == DEFAULT_MODEL_DIR else path.name,
             kind="t2v",
             description=DESCRIPTION,
-            extra={"path": str(path)},
+            extra={"path": str(path), "precision": precision},
         )
-        return cls(text_encoder, autoencoder, generator, pipe_cfg, device, precision, info)
+        pipe = cls(text_encoder, autoencoder, generator, pipe_cfg, device, precision, info)
+        info.extra["device"] = pipe.device.type
+        return pipe
 
     def save_pretrained(self, path: str | Path, card: str | None = None) -> Path:
         path = Path(path)

@@ -223,6 +223,22 @@ def _pipeline_class(name: str):
     return cls
 
 
+def _check_components(path: Path, index: dict) -> None:
+    """Each component's class must exist in the library it names (checked before loading,
+    so a misnamed class is one sentence, not a traceback from deep inside diffusers)."""
+    import importlib
+
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec == [None, None]:
+            continue
+        library, name = (spec + [None])[:2]
+        if not isinstance(getattr(importlib.import_module(library), str(name), None), type):
+            raise ModelError(
+                f"Cannot load {path}: its model_index.json takes {component} from {library} as "
+                f"{name!r}, which the installed {library} does not have."
+            )
+
+
 class DiffusersModel:
     """A diffusers text-to-video pipeline as a `t2v.model.VideoModel`. One generation runs
     at a time: diffusers' pipelines and schedulers keep state between steps."""
@@ -243,8 +259,10 @@ class DiffusersModel:
         cls, path: Path, device: str = "auto", precision: str = "fp32", offload: str = "none"
     ) -> DiffusersModel:
         knobs = read_knobs(path)  # refuses an unsafe folder before anything is loaded
-        name = _json(path / "model_index.json")["_class_name"]
+        index = _json(path / "model_index.json")
+        name = index["_class_name"]
         pipeline_class = _pipeline_class(name)
+        _check_components(path, index)
         import torch
 
         target = resolve_device(device)
