@@ -296,7 +296,8 @@ class PretrainedTextEncoder(TextEncoder):
         with torch.autocast(self.device.type, enabled=False):
             hidden = self.frozen(**batch).last_hidden_state.float()  # (B, L, D)
         lengths = batch["attention_mask"].sum(1).tolist()
-        return {text: hidden[i, :n].cpu() for i, (text, n) in enumerate(zip(texts, lengths))}
+        pairs = enumerate(zip(texts, lengths, strict=True))
+        return {text: hidden[i, :n].cpu() for i, (text, n) in pairs}
 
     def encode(self, texts: list[str]) -> TextEncoding:
         # One lock around look-up and fill: two threads never encode the same caption, and
