@@ -688,3 +688,22 @@ def test_the_attention_loss_teaches_tokens_to_attend_to_their_objects_words():
         history.append(float(parts["attention"]))
     assert set(parts) == {"flow", "attention"}
     assert np.mean(history[-4:]) < 0.7 * np.mean(history[:4])
+
+
+def test_the_config_defaults_are_the_shipped_recipe_and_model():
+    """A config that names nothing builds the model the recipe trains and the package ships."""
+    from t2v.models.generator import GeneratorConfig
+    from t2v.pipeline_config import DEFAULT_MODEL_DIR
+
+    recipe_config = cfg.load(TrainConfig, Path(__file__).parents[1] / "configs/moving-shapes.yaml")
+    defaults = TrainConfig()
+    for part in ("autoencoder", "text_encoder", "generator", "pipeline"):
+        assert getattr(recipe_config, part) == getattr(defaults, part), part
+    shipped = DEFAULT_MODEL_DIR
+    assert (
+        cfg.load_json(GeneratorConfig, shipped / "generator" / "config.json") == GeneratorConfig()
+    )
+    text = cfg.load_json(TextEncoderConfig, shipped / "text_encoder" / "config.json")
+    assert text == replace(TextEncoderConfig(), output_dim=384)  # derived when built
+    ae = cfg.load_json(AutoencoderConfig, shipped / "autoencoder" / "config.json")
+    assert ae == replace(AutoencoderConfig(), scale=ae.scale, shift=ae.shift)  # measured
