@@ -3,18 +3,27 @@ with `t2v worker` processes sharing a real PostgreSQL."""
 
 from __future__ import annotations
 
+import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from fake_model import FakeModel
+from fake_model import FakeModel, launch_args
 from pg import postgres  # noqa: F401 - the session fixture
+from servers import Server, _die_with_parent
 from t2v.errors import UserError
+from t2v.pipeline_config import DEFAULT_MODEL_DIR
 from t2v.serve.auth import KeyStore
 from t2v.serve.queue import JobQueue
-from t2v.serve.store import JobError, JobRequest, StoreUnavailable
+from t2v.serve.store import FINISHED, JobError, JobRequest, StoreUnavailable
+from t2v.serve.store_pg import PgStore
 from t2v.serve.store_sqlite import SqliteStore
+from t2v.serve.worker import LIVE_S
 
 
 def wait_until(condition, timeout=20.0, every=0.01):
@@ -33,8 +42,6 @@ def make_store(request, tmp_path):
         if request.param == "sqlite":
             opened.append(SqliteStore(tmp_path / "data"))
         else:
-            from t2v.serve.store_pg import PgStore
-
             if not hasattr(make, "url"):
                 make.url = request.getfixturevalue("postgres").fresh()
             opened.append(PgStore(make.url, tmp_path / "data"))
@@ -154,3 +161,164 @@ def test_workers_share_the_queue_and_each_job_runs_once(make_store, start_queue)
     wait_until(lambda: queue.store.count("succeeded") == 30)
     assert sorted(r.prompt for r in model.calls) == sorted(j.prompt for j in jobs)
     assert len({w.name for w in queue.workers}) == 3
+
+
+# --- two API nodes and three `t2v worker` processes on one PostgreSQL ------------------------
+
+LEASE_S = 3.0
+
+
+class Cluster:
+    """Two `t2v serve --workers 0` nodes and `t2v worker` processes (FakeModel) sharing a
+    PostgreSQL database and a media folder, as in production."""
+
+    def __init__(self, url: str, root: Path):
+        self.url, self.data, self.log = url, root / "media", root / "generated.log"
+        self.store = PgStore(url, self.data)
+        self.keys = KeyStore(self.store)
+        self.key = self.keys.create("alice")[1]
+        self.workers: list[subprocess.Popen] = []
+        options = ("--auth", "--rate-limit", "0", "--queue-size", "1000")
+        self.nodes = [
+            Server(self.data, DEFAULT_MODEL_DIR, "--db", url, "--workers", "0", *options)
+            for _ in range(2)
+        ]
+
+    def __enter__(self) -> Cluster:
+        for _ in range(3):
+            self.add_worker()
+        for node in self.nodes:
+            node.__enter__()
+        wait_until(lambda: sum(m.workers for m in self.store.live_models(LIVE_S)) == 3, 60)
+        return self
+
+    def add_worker(self) -> subprocess.Popen:
+        args = ("worker", "--db", self.url, "--data-dir", str(self.data))
+        self.workers.append(
+            subprocess.Popen(
+                launch_args("t2v", 0.002, self.log, *args, "--lease-seconds", str(LEASE_S)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        )
+        return self.workers[-1]
+
+    def __exit__(self, *exc) -> None:
+        for node in self.nodes:
+            node.__exit__(*exc)
+        for proc in self.workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.store.close()
+
+    def headers(self, key: str | None = None, **more) -> dict:
+        return {"Authorization": f"Bearer {key or self.key}", **more}
+
+    def post(self, node: int, key: str | None = None, idempotency_key=None, **body) -> str:
+        more = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        r = self.nodes[node].client.post("/v1/videos", json=body, headers=self.headers(key, **more))
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def generated(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres, tmp_path_factory):  # noqa: F811 - the session fixture
+    with Cluster(postgres.fresh(), tmp_path_factory.mktemp("cluster")) as running_cluster:
+        yield running_cluster
+
+
+def test_200_jobs_over_two_nodes_and_three_workers_none_lost_none_twice(cluster):
+    prompts = [f"circle number {i}" for i in range(200)]
+    ids = [cluster.post(i % 2, prompt=p, steps=1, format="gif") for i, p in enumerate(prompts)]
+    wait_until(lambda: all(cluster.store.status(i) == "succeeded" for i in ids), 60, 0.2)
+    generated = [p for p in cluster.generated() if p.startswith("circle number")]
+    assert sorted(generated) == sorted(prompts)  # each generated once: none lost, none twice
+    jobs = [cluster.store.get(i, None) for i in ids]
+    assert all(j.attempts == 1 for j in jobs)
+    assert all(cluster.store.video_path(j).stat().st_size > 0 for j in jobs)
+
+
+def test_a_worker_killed_mid_job_loses_it_to_another_after_the_lease(cluster):
+    job_id = cluster.post(0, prompt="slow circle for kill 9", steps=40, format="gif")
+    job = wait_until(lambda: (j := cluster.store.get(job_id, None)).step >= 2 and j, 30)
+    pid = int(job.worker.split(":")[1])
+    victim = next(p for p in cluster.workers if p.pid == pid)
+    victim.kill()  # kill -9: no goodbye, the lease just stops being renewed
+    victim.wait(10)
+    done = wait_until(lambda: (j := cluster.store.get(job_id, None)).status in FINISHED and j, 30)
+    assert done.status == "succeeded" and done.attempts == 2
+    assert cluster.generated().count("slow circle for kill 9") == 1
+    assert [p.name for p in (cluster.data / "videos").glob(f"{job_id}*")] == [f"{job_id}.gif"]
+    cluster.add_worker()
+
+
+def test_a_cancel_sent_to_node_b_stops_a_job_node_a_accepted(cluster):
+    job_id = cluster.post(0, prompt="slow circle to cancel", steps=60, format="gif")
+    b, url, headers = cluster.nodes[1].client, f"/v1/videos/{job_id}", cluster.headers()
+    wait_until(lambda: b.get(url, headers=headers).json()["progress"] > 0)
+    r = b.delete(url, headers=headers)
+    assert r.status_code == 200, r.text
+    stopped_at = cluster.store.get(job_id, None).step
+    time.sleep(0.5)  # ten steps' time: the worker has long noticed
+    job = cluster.store.get(job_id, None)
+    assert job.status == "cancelled" and job.step <= stopped_at + 1 and job.step < 60
+    assert "slow circle to cancel" not in cluster.generated()
+    assert not list((cluster.data / "videos").glob(f"{job_id}*"))
+
+
+def test_progress_reaches_the_other_nodes_events_within_a_second(cluster):
+    job_id = cluster.post(0, prompt="slow circle to watch", steps=30, format="gif")
+    seen, started = [], time.monotonic()
+    url = f"/v1/videos/{job_id}/events"
+    with cluster.nodes[1].client.stream("GET", url, headers=cluster.headers()) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:"):
+                seen.append((time.monotonic() - started, json.loads(line[5:])))
+                if seen[-1][1]["status"] in ("completed", "succeeded", "failed"):
+                    break
+    gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:], strict=False)]
+    assert len(seen) >= 5 and max(gaps) < 1.0, gaps  # 30 steps of 50 ms: pushed, not polled
+
+
+def test_idempotency_holds_across_nodes(cluster):
+    first = cluster.post(0, idempotency_key="retry-me", prompt="a red circle", steps=1)
+    r = cluster.nodes[1].client.post(
+        "/v1/videos",
+        json={"prompt": "a red circle", "steps": 1},
+        headers=cluster.headers(**{"Idempotency-Key": "retry-me"}),
+    )
+    assert r.status_code == 202 and r.json()["id"] == first
+    assert r.headers["idempotent-replayed"] == "true"
+
+
+def test_a_key_revoked_on_one_node_is_refused_by_the_other_at_once(cluster):
+    bob = cluster.keys.create("bob")[1]
+    b = cluster.nodes[1].client
+    assert b.get("/v1/videos", headers=cluster.headers(bob)).status_code == 200
+    revoked = subprocess.run(
+        [sys.executable, "-m", "t2v.cli", "keys", "revoke", "bob", "--db", cluster.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    started = time.monotonic()
+    wait_until(lambda: b.get("/v1/videos", headers=cluster.headers(bob)).status_code == 401, 1.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_job_for_a_model_no_worker_serves_is_rejected(cluster):
+    r = cluster.nodes[0].client.post(
+        "/v1/videos",
+        json={"prompt": "a red circle", "model": "wan-14b"},
+        headers=cluster.headers(),
+    )
+    assert r.status_code == 422 and "wan-14b" in r.text

@@ -30,7 +30,7 @@ from t2v.serve.guard import LOOPBACK_NAMES, Guard, hostname
 from t2v.serve.queue import JobError, JobQueue
 from t2v.serve.routes import STATIC, Served, site, videos
 from t2v.serve.schemas import VideoCreate, error_response
-from t2v.serve.store_sqlite import SqliteStore
+from t2v.serve.store import open_store
 
 log = logging.getLogger("t2v.serve")
 
@@ -55,6 +55,8 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()
     public_urls: tuple[str, ...] = ()  # origins of the page behind a proxy, e.g. https://t2v.org
     drain_timeout: float = 30.0
+    db: str | None = None  # postgresql://... shared by nodes and workers; None: SQLite
+    workers: int = 1  # jobs run at once in this process; 0: the API only
 
 
 def _methods(scope) -> list[str]:
@@ -134,7 +136,7 @@ def create_app(config: ServeConfig, model: VideoModel | None = None, on_fatal=la
         info = ModelInfo(id=name, kind="", description="Loading.")
     content_filter = ContentFilter.from_file(config.blocklist)
     with data_dir_errors(config.data_dir):
-        store = SqliteStore(config.data_dir)
+        store = open_store(config.db, config.data_dir)
     keys = KeyStore(store)
     queue = JobQueue(
         store,
@@ -143,6 +145,7 @@ def create_app(config: ServeConfig, model: VideoModel | None = None, on_fatal=la
         rate_limit=RateLimiter(store, config.rate_limit),
         queue_size=config.queue_size,
         on_fatal=on_fatal,
+        workers=config.workers,
     )
 
     @asynccontextmanager

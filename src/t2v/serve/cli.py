@@ -22,7 +22,7 @@ DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local
 
 
 def register_cli(subparsers) -> None:
-    """Add the `serve` and `keys` subcommands to an `argparse` subparsers object."""
+    """Add the `serve`, `keys` and `worker` subcommands to an `argparse` subparsers object."""
     from t2v.serve.filter import DEFAULT_BLOCKLIST
 
     serve = subparsers.add_parser(
@@ -72,6 +72,7 @@ def register_cli(subparsers) -> None:
         "(default: %(default)s)",
     )
     _data_dir_option(serve)
+    _db_option(serve)
     serve.add_argument(
         "--auth",
         action="store_true",
@@ -126,6 +127,14 @@ def register_cli(subparsers) -> None:
         help="on SIGTERM, how long the running job may take to finish before it "
         "is put back in the queue (default: %(default)s)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="jobs run at once in this process; 0 serves the API only, for `t2v worker` "
+        "processes sharing --db (default: %(default)s)",
+    )
     serve.set_defaults(func=_serve)
 
     keys = subparsers.add_parser(
@@ -142,6 +151,7 @@ def register_cli(subparsers) -> None:
         "output; it is not stored and cannot be shown again.",
     )
     _data_dir_option(create)
+    _db_option(create)
     create.add_argument(
         "--name",
         required=True,
@@ -154,6 +164,7 @@ def register_cli(subparsers) -> None:
         description="List keys: id, name, created, revoked.",
     )
     _data_dir_option(listing)
+    _db_option(listing)
     listing.set_defaults(func=_keys_list)
     revoke = actions.add_parser(
         "revoke",
@@ -161,8 +172,22 @@ def register_cli(subparsers) -> None:
         description="Revoke a key; requests with it get 401 at once.",
     )
     _data_dir_option(revoke)
+    _db_option(revoke)
     revoke.add_argument("key", metavar="NAME_OR_ID", help="the key's name or id (`t2v keys list`)")
     revoke.set_defaults(func=_keys_revoke)
+    from t2v.serve.worker import register_cli as register_worker
+
+    register_worker(subparsers, _data_dir_option)
+
+
+def _db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="a PostgreSQL store that API nodes and `t2v worker` processes share, "
+        "postgresql://user@host/database (default: SQLite in --data-dir)",
+    )
 
 
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +223,11 @@ def _serve(args: argparse.Namespace) -> None:
         )
     allowed_hosts = tuple(_host_name(name) for name in args.allowed_host)
     public_urls = tuple(_public_url(url) for url in args.public_url)
+    if args.workers < 0 or (args.workers == 0 and args.db is None):
+        raise UserError(
+            "--workers must be at least 1, or 0 with a shared --db postgresql://... that"
+            " `t2v worker` processes serve."
+        )
     if args.queue_size < 1 or args.rate_limit < 0 or args.drain_timeout < 0:
         raise UserError(
             "--queue-size must be at least 1, --rate-limit and --drain-timeout at least 0."
@@ -228,6 +258,8 @@ def _serve(args: argparse.Namespace) -> None:
             allowed_hosts=allowed_hosts,
             public_urls=public_urls,
             drain_timeout=args.drain_timeout,
+            db=args.db,
+            workers=args.workers,
         )
     )
 
