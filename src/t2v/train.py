@@ -31,16 +31,14 @@ from t2v.checkpoints import (
     ema_init,
     ema_update,
     export_checkpoint,
-    trained_autoencoder,
 )
 from t2v.models.autoencoder import VideoAutoencoder, psnr
-from t2v.models.build import build_pipeline
 from t2v.objectives import AutoencoderObjective, GeneratorObjective
 from t2v.pipeline import TextToVideoPipeline, save_component
 from t2v.runtime import autocast, resolve_device
 from t2v.sources import ClipSource, open_source
-from t2v.text import Tokenizer
 from t2v.train_config import STAGES, StageConfig, TrainConfig
+from t2v.train_stages import attention_loss_runs, build_autoencoder, build_generator
 from t2v.video import to_model_tensor, to_uint8_clips
 
 __all__ = ["STAGES", "TrainConfig", "Trainer", "TrainingError", "export_checkpoint", "train"]
@@ -144,17 +142,22 @@ class Trainer:
         self.source: ClipSource = open_source(
             d.source, d.seed, d.two_object_share, self.device, held_out=d.held_out
         )
-        self.config = config
         if stage == "autoencoder":
             self.pipeline = None
-            self.model = AutoencoderObjective(self._build_autoencoder(init_from))
-            self.ae_config = self.model.autoencoder.config
+            ae, self.config = build_autoencoder(config, self.source, init_from, self._say)
+            self.model = AutoencoderObjective(ae)
+            self.ae_config = ae.config
         else:
-            self.pipeline = p = self._build_generator(init_from)
+            p, self.config = build_generator(
+                config, self.source, init_from, self.out, self.dist.main
+            )
+            self.pipeline = p
             p.autoencoder.to(self.device)  # frozen, so not a submodule: .to() below misses it
             self.model = GeneratorObjective(p.generator, p.text_encoder, p.autoencoder)
             self.ae_config = p.autoencoder.config
-        self.wants_boxes = stage == "generator" and self._attention_loss_runs()
+        self.wants_boxes = stage == "generator" and attention_loss_runs(
+            self.config, self.source, self._say
+        )
         self.model.to(self.device)
         self.model.train()
         self.opt = _optimizer(self.model, self.s)
@@ -173,67 +176,6 @@ class Trainer:
     def _say(self, line: str) -> None:
         if self.dist.main:
             print(f"{self.stage_name}: {line}", flush=True)
-
-    # -- building ------------------------------------------------------------------------
-    def _build_autoencoder(self, init_from: str | None) -> VideoAutoencoder:
-        """A fresh autoencoder, or the one of a model folder; weighted towards non-black
-        pixels only when the source's clips are objects on black."""
-        if init_from:
-            ae = TextToVideoPipeline.from_pretrained(init_from, device="cpu").autoencoder
-        else:
-            ae = VideoAutoencoder(self.config.autoencoder)
-        if not self.source.black_background and ae.config.fg_weight:
-            self._say("the clips are not objects on black, so every pixel weighs the same")
-            ae.config = replace(ae.config, fg_weight=0.0)
-        self.config = replace(self.config, autoencoder=ae.config)
-        return ae
-
-    def _build_generator(self, init_from: str | None) -> TextToVideoPipeline:
-        c = self.config
-        if init_from:  # transfer: every component from a trained model folder
-            pipe = TextToVideoPipeline.from_pretrained(init_from, device="cpu")
-            tokenizer = getattr(pipe.text_encoder, "tokenizer", None)
-            if isinstance(tokenizer, Tokenizer) and self.dist.main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                tokenizer.save(self.out / "tokenizer.json")
-        else:
-            ae = trained_autoencoder(Path(c.run_dir))
-            te, ae, gen = build_pipeline(c.text_encoder, ae, c.generator, self._tokenizer())
-            pipe = TextToVideoPipeline(te, ae, gen, c.pipeline, "cpu")
-        self.config = replace(
-            c,
-            text_encoder=pipe.text_encoder.config,
-            autoencoder=pipe.autoencoder.config,
-            generator=pipe.generator.config,
-        )
-        return pipe
-
-    def _tokenizer(self) -> Tokenizer:
-        """The word-level tokenizer of the training captions; a pretrained encoder keeps it
-        as the word list that tells which prompts the model can follow."""
-        path = self.out / "tokenizer.json"
-        if path.is_file():
-            return Tokenizer.load(path)
-        tokenizer = Tokenizer.train(self.source.captions(self.config.data.tokenizer_captions))
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(path)
-        return tokenizer
-
-    def _attention_loss_runs(self) -> bool:
-        """Whether the attention loss can run here, said in a log line when it is asked for."""
-        weight = self.config.generator.attention_loss
-        if weight <= 0:
-            return False
-        if not self.source.has_boxes:
-            why = "the data source does not say where its objects are"
-        elif not self.config.text_encoder.split_objects:
-            why = "text_encoder.split_objects is off, so no text slot belongs to one object"
-        else:
-            self._say(f"attention loss on, weight {weight:g} (the source gives object boxes)")
-            return True
-        self._say(f"attention loss off: {why}")
-        return False
 
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self) -> None:

@@ -1,0 +1,94 @@
+"""What each stage trains, built from the run's config and its data source.
+
+Each builder returns the components and the run's resolved config: the caller's config with
+what was decided here (a model folder's components for --init-from, the derived wiring,
+the source's black-background weighting), made with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from t2v.checkpoints import trained_autoencoder
+from t2v.models.autoencoder import VideoAutoencoder
+from t2v.models.build import build_pipeline
+from t2v.pipeline import TextToVideoPipeline
+from t2v.sources import ClipSource
+from t2v.text import Tokenizer
+from t2v.train_config import TrainConfig
+
+
+def build_autoencoder(
+    config: TrainConfig, source: ClipSource, init_from: str | None, say: Callable[[str], None]
+) -> tuple[VideoAutoencoder, TrainConfig]:
+    """A fresh autoencoder, or the one of a model folder; its loss weights the non-black
+    pixels more only when the source's clips are objects on black."""
+    if init_from:
+        ae = TextToVideoPipeline.from_pretrained(init_from, device="cpu").autoencoder
+    else:
+        ae = VideoAutoencoder(config.autoencoder)
+    if not source.black_background and ae.config.fg_weight:
+        say("the clips are not objects on black, so every pixel weighs the same")
+        ae.config = replace(ae.config, fg_weight=0.0)
+    return ae, replace(config, autoencoder=ae.config)
+
+
+def build_generator(
+    config: TrainConfig, source: ClipSource, init_from: str | None, out: Path, main: bool
+) -> tuple[TextToVideoPipeline, TrainConfig]:
+    """The pipeline the generator stage trains: every component of a model folder
+    (--init-from), or fresh text encoder and generator over the run's trained autoencoder.
+    The tokenizer is written to ``out`` (by the ``main`` process)."""
+    c = config
+    if init_from:  # transfer: every component from a trained model folder
+        pipe = TextToVideoPipeline.from_pretrained(init_from, device="cpu")
+        tokenizer = getattr(pipe.text_encoder, "tokenizer", None)
+        if isinstance(tokenizer, Tokenizer) and main:
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(out / "tokenizer.json")
+    else:
+        tokenizer = fit_tokenizer(out, source, c.data.tokenizer_captions, main)
+        ae = trained_autoencoder(Path(c.run_dir))
+        te, ae, gen = build_pipeline(c.text_encoder, ae, c.generator, tokenizer)
+        pipe = TextToVideoPipeline(te, ae, gen, c.pipeline, "cpu")
+    resolved = replace(
+        c,
+        text_encoder=pipe.text_encoder.config,
+        autoencoder=pipe.autoencoder.config,
+        generator=pipe.generator.config,
+    )
+    return pipe, resolved
+
+
+def fit_tokenizer(out: Path, source: ClipSource, count: int, main: bool) -> Tokenizer:
+    """The word-level tokenizer of the source's training captions (kept in ``out``, so a
+    resumed run reads it back); a pretrained encoder keeps it as the word list that tells
+    which prompts the model can follow."""
+    path = out / "tokenizer.json"
+    if path.is_file():
+        return Tokenizer.load(path)
+    tokenizer = Tokenizer.train(source.captions(count))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+    return tokenizer
+
+
+def attention_loss_runs(
+    config: TrainConfig, source: ClipSource, say: Callable[[str], None]
+) -> bool:
+    """Whether the generator's attention loss can run, said in a log line when asked for."""
+    weight = config.generator.attention_loss
+    if weight <= 0:
+        return False
+    if not source.has_boxes:
+        why = "the data source does not say where its objects are"
+    elif not config.text_encoder.split_objects:
+        why = "text_encoder.split_objects is off, so no text slot belongs to one object"
+    else:
+        say(f"attention loss on, weight {weight:g} (the source gives object boxes)")
+        return True
+    say(f"attention loss off: {why}")
+    return False
