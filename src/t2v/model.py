@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from t2v.errors import UserError
+from t2v.text import DEFAULT_MAX_CHARS
 
 Progress = Callable[[int, int], None]  # (step done, total steps)
 IsCancelled = Callable[[], bool]
@@ -126,22 +127,18 @@ class Knobs:
     width: IntRange
     height: IntRange
     fps: FloatRange
-    max_prompt_chars: int = 500
+    max_prompt_chars: int = DEFAULT_MAX_CHARS
     negative_prompt: bool = True  # whether the model uses a negative prompt at all
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """``request`` with its prompts normalised (`t2v.text.normalize`) and each ``None``
         replaced by the default; a value out of limits raises `UserError`. Both backends'
         `resolve` start here, so the rules below are written once."""
-        from t2v.text import PromptError, normalize
+        from t2v.text import normalize  # its PromptError is a UserError
 
-        try:
-            prompt = normalize(request.prompt, self.max_prompt_chars)
-        except PromptError as e:
-            raise UserError(str(e)) from None
         return replace(
             request,
-            prompt=prompt,
+            prompt=normalize(request.prompt, self.max_prompt_chars),
             negative_prompt=self.negative(request.negative_prompt),
             seed=SEED.check("seed", request.seed),
             steps=self.steps.check("steps", _or(request.steps, self.steps.default)),

@@ -12,6 +12,7 @@ from typing import Literal
 
 from t2v import config as cfg
 from t2v.model import MAX_FPS, MAX_GUIDANCE, MAX_STEPS, MIN_FPS, FloatRange, IntRange, Knobs
+from t2v.text import DEFAULT_MAX_CHARS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 FORMAT_VERSION = 1  # of a t2v model folder; a folder of a newer format is refused
@@ -24,7 +25,7 @@ class PipelineConfig:
     sampler: Literal["euler", "heun"] = "euler"
     shift: float = 1.0  # time-grid shift, see t2v.flow.time_grid
     fps: float = 8.0
-    max_prompt_chars: int = 500
+    max_prompt_chars: int = DEFAULT_MAX_CHARS
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
