@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -81,7 +82,7 @@ def step_flops(t: Trainer) -> int:
 def seconds_per_step(t: Trainer, precision: str, warmup: int, steps: int) -> tuple[float, float]:
     """Wall and CPU (all threads) seconds per step; CPU well under wall x threads means the
     machine was busy with other work."""
-    t.config.precision = precision  # read by every train_step
+    t.config = replace(t.config, precision=precision)  # read by every train_step
     for _ in range(warmup):
         t.train_step()
     wall, cpu = time.perf_counter(), time.process_time()
