@@ -19,7 +19,7 @@ import pytest
 USER = "t2vtest"  # the unprivileged user that owns the cluster when the tests run as root
 
 
-def _bin_dir() -> Path | None:
+def find_binaries() -> Path | None:
     found = shutil.which("initdb")
     if found and Path(found).with_name("pg_ctl").exists():
         return Path(os.path.realpath(found)).parent
@@ -107,7 +107,7 @@ class Postgres:
 
 @pytest.fixture(scope="session")
 def postgres():
-    bin_dir = _bin_dir()
+    bin_dir = find_binaries()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
     root = Path(tempfile.mkdtemp(prefix="t2v-pg-"))
