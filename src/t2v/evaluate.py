@@ -20,10 +20,9 @@ import numpy as np
 
 from t2v.errors import UserError
 from t2v.reader import analyse, clip_features, frechet_distance, read_clip
-from t2v.shapes import FPS, ClipSpec, eval_specs, render
+from t2v.shapes import FPS, FRAMES, HEIGHT, WIDTH, ClipSpec, eval_specs, render
 
 ATTRIBUTES = ("color", "shape", "size", "direction")
-CLIP_FRAMES, CLIP_SIZE = 16, 64  # what the reader reads: Moving Shapes' clip format
 NOTE = (
     "These scores read the colour, shape, size and motion of Moving Shapes objects, so they "
     "mean something only for a model tuned on Moving Shapes."
@@ -318,8 +317,7 @@ def model_clips(model):
 
     k = model.knobs
     frames, height, width = (
-        _at_least(r, n)
-        for r, n in ((k.frames, CLIP_FRAMES), (k.height, CLIP_SIZE), (k.width, CLIP_SIZE))
+        _at_least(r, n) for r, n in ((k.frames, FRAMES), (k.height, HEIGHT), (k.width, WIDTH))
     )
 
     def generate(prompts, seeds, *, steps=None, guidance=None) -> np.ndarray:
@@ -342,13 +340,14 @@ def _at_least(allowed, n: int) -> int:
 
 
 def _resample(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) -> (16, 64, 64, 3) by picking evenly spaced frames, rows and columns."""
+    """(T, H, W, 3) -> Moving Shapes' (16, 64, 64, 3), picking evenly spaced frames, rows
+    and columns."""
     t, h, w, _ = frames.shape
-    if (t, h, w) == (CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE):
+    if (t, h, w) == (FRAMES, HEIGHT, WIDTH):
         return frames
-    ti = np.linspace(0, t - 1, CLIP_FRAMES).round().astype(int)
-    hi = ((np.arange(CLIP_SIZE) + 0.5) * h / CLIP_SIZE).astype(int)
-    wi = ((np.arange(CLIP_SIZE) + 0.5) * w / CLIP_SIZE).astype(int)
+    ti = np.linspace(0, t - 1, FRAMES).round().astype(int)
+    hi = ((np.arange(HEIGHT) + 0.5) * h / HEIGHT).astype(int)
+    wi = ((np.arange(WIDTH) + 0.5) * w / WIDTH).astype(int)
     return np.ascontiguousarray(frames[ti][:, hi][:, :, wi])
 
 
