@@ -153,7 +153,6 @@ def test_eval_report_never_writes_over_the_users_things(keep, tiny_model_dir, ca
     untouched(keep)
 
 
-@pytest.mark.xfail(reason="until data.prepare writes through t2v.outputs")
 @pytest.mark.parametrize("out", ["keep", "notes"])
 def test_data_prepare_never_writes_over_the_users_things(keep, capsys, out):
     (keep / "videos").mkdir()
