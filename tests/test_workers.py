@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 
 from fake_model import FakeModel, launch_args
@@ -23,7 +25,7 @@ from t2v.serve.queue import JobQueue
 from t2v.serve.store import FINISHED, JobError, JobRequest, StoreUnavailable
 from t2v.serve.store_pg import PgStore
 from t2v.serve.store_sqlite import SqliteStore
-from t2v.serve.worker import LIVE_S
+from t2v.serve.worker import LIVE_S, card_knobs
 
 
 def wait_until(condition, timeout=20.0, every=0.01):
@@ -151,7 +153,8 @@ def test_a_job_for_a_model_no_worker_serves_is_refused(make_store, start_queue):
     assert "'shapes'" in refused.value.message and refused.value.message.endswith(".")
     job, _ = queue.submit("", JobRequest("a red circle", model="shapes", steps=2), None)
     wait_until(lambda: queue.store.status(job.id) == "succeeded")
-    assert [(m.id, m.workers) for m in queue.live_models()] == [("shapes", 1)]
+    [live] = queue.live_models()
+    assert (live.id, live.workers, card_knobs(live.info)) == ("shapes", 1, FakeModel.knobs)
 
 
 def test_workers_share_the_queue_and_each_job_runs_once(make_store, start_queue):
@@ -194,21 +197,24 @@ class Cluster:
 
     def add_worker(self) -> subprocess.Popen:
         args = ("worker", "--db", self.url, "--data-dir", str(self.data))
+        log = open(self.data.parent / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         self.workers.append(
             subprocess.Popen(
                 launch_args("t2v", 0.002, self.log, *args, "--lease-seconds", str(LEASE_S)),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
         )
         return self.workers[-1]
 
     def __exit__(self, *exc) -> None:
+        for proc in self.workers:  # all at once: each then exits within a second or so
+            proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            node.proc.send_signal(signal.SIGINT)
         for node in self.nodes:
             node.__exit__(*exc)
-        for proc in self.workers:
-            proc.send_signal(signal.SIGTERM)
         for proc in self.workers:
             try:
                 proc.wait(20)
@@ -322,3 +328,52 @@ def test_a_job_for_a_model_no_worker_serves_is_rejected(cluster):
         headers=cluster.headers(),
     )
     assert r.status_code == 422 and "wan-14b" in r.text
+
+
+def _worker_of(cluster, job_id) -> subprocess.Popen:
+    job = wait_until(lambda: (j := cluster.store.get(job_id, None)).step >= 2 and j, 30)
+    pid = int(job.worker.split(":")[1])
+    return next(p for p in cluster.workers if p.pid == pid)
+
+
+def test_sigterm_finishes_the_running_job_then_exits(cluster):
+    job_id = cluster.post(0, prompt="slow circle for sigterm", steps=30, format="gif")
+    worker = _worker_of(cluster, job_id)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    job = cluster.store.get(job_id, None)
+    assert job.status == "succeeded" and job.attempts == 1  # finished by the same worker
+    cluster.add_worker()
+
+
+def test_ctrl_c_puts_the_running_job_back_for_another_worker(cluster):
+    job_id = cluster.post(0, prompt="slow circle for sigint", steps=30, format="gif")
+    worker = _worker_of(cluster, job_id)
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(30) == 0
+    done = wait_until(lambda: (j := cluster.store.get(job_id, None)).status in FINISHED and j, 30)
+    assert done.status == "succeeded" and done.attempts == 1  # the release was not an attempt
+    assert cluster.generated().count("slow circle for sigint") == 1
+    cluster.add_worker()
+
+
+def test_a_lost_database_is_a_503_then_everything_recovers(cluster, postgres):  # noqa: F811
+    name = urlsplit(cluster.url).path.strip("/")
+    alive = [p for p in cluster.workers if p.poll() is None]
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        node = cluster.nodes[1].client
+        try:
+            r = wait_until(lambda: (r := node.get("/readyz")).status_code == 503 and r, 10)
+            assert "retry" in r.text and r.headers["retry-after"]
+            r = node.get("/v1/videos", headers=cluster.headers())
+            assert r.status_code == 503 and r.headers["retry-after"]
+        finally:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    wait_until(lambda: node.get("/readyz").status_code == 200, 10)
+    assert len(alive) == 3 and all(p.poll() is None for p in alive)  # no worker crashed
+    job_id = cluster.post(1, prompt="a circle after the outage", steps=1, format="gif")
+    wait_until(lambda: cluster.store.status(job_id) == "succeeded", 30, 0.1)

@@ -6,7 +6,7 @@ adds the connections, the schema, the claim and the notifications.
   none waits for another's claim.
 - Every job change sends ``NOTIFY t2v_jobs`` in its transaction; each API node LISTENs and
   wakes its server-sent-event streams, so progress from any worker reaches any node at once.
-- A lost connection is retried with backoff (about 3 s in all) before a request gets a 503;
+- A lost connection is retried with backoff (about 6 s in all) before a request gets a 503;
   workers and the listener retry for as long as it takes.
 - The clock is the database's, so nodes whose clocks differ agree on leases.
 """
@@ -32,7 +32,7 @@ log = logging.getLogger("t2v.serve")
 
 CHANNEL = "t2v_jobs"
 _MIGRATION_LOCK = 7_402_017  # pg_advisory_xact_lock key: one node migrates at a time
-_RETRIES = (0.1, 0.3, 0.6, 1.0, 1.0)  # seconds between attempts on a lost connection
+_RETRIES = (0.2, 0.5, 1.0)  # seconds between attempts to reach the database
 
 _MIGRATIONS = {
     1: """
@@ -120,7 +120,7 @@ class PgStore(SqlStore):
             max_size=max_connections,
             kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": 5},
             check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
-            timeout=2,
+            timeout=1,  # per attempt to get a connection
             name="t2v",
             open=True,
         )

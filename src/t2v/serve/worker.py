@@ -18,6 +18,7 @@ A lost database is waited for with backoff, never a crash loop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from t2v.errors import UserError
-from t2v.model import Cancelled, GenerationRequest, VideoModel
+from t2v.model import Cancelled, FloatRange, GenerationRequest, IntRange, Knobs, VideoModel
 from t2v.serve.store import Job, SqlStore, StoreUnavailable
 
 log = logging.getLogger("t2v.serve")
@@ -46,11 +47,28 @@ def model_name(model) -> str:
 
 
 def model_card(model) -> dict:
-    """What `GET /v1/models` shows of a model a worker serves."""
+    """What a worker tells the store of its model: `GET /v1/models` shows it, and an API node
+    that loads no model checks requests against its `knobs` (`card_knobs`)."""
     info = getattr(model, "info", None)
-    if info is None:
-        return {"id": "t2v", "kind": "t2v"}
-    return {"id": info.id, "kind": info.kind, "description": info.description}
+    card = {"id": info.id, "kind": info.kind, "description": info.description} if info else {}
+    knobs = getattr(model, "knobs", None)
+    if isinstance(knobs, Knobs):
+        card["knobs"] = dataclasses.asdict(knobs)
+    return card or {"id": "t2v", "kind": "t2v"}
+
+
+def card_knobs(card: dict) -> Knobs | None:
+    """The knobs in a worker's `model_card`, or None when it stated none."""
+    stated = card.get("knobs")
+    if not stated:
+        return None
+    ranges = {"steps": IntRange, "frames": IntRange, "width": IntRange, "height": IntRange}
+    return Knobs(
+        **{
+            name: ranges.get(name, FloatRange)(**value) if isinstance(value, dict) else value
+            for name, value in stated.items()
+        }
+    )
 
 
 class Worker:
