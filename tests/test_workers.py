@@ -18,7 +18,6 @@ import pytest
 from fake_model import FakeModel, launch_args
 from pg import postgres  # noqa: F401 - the session fixture
 from servers import Server, _die_with_parent
-from t2v.errors import UserError
 from t2v.pipeline_config import DEFAULT_MODEL_DIR
 from t2v.serve.auth import KeyStore
 from t2v.serve.queue import JobQueue
@@ -114,14 +113,43 @@ def test_a_full_disk_fails_the_running_job_once_space_is_back(tmp_path, start_qu
 def test_a_second_server_on_one_data_dir_is_refused(tmp_path, start_queue):
     first = start_queue(SqliteStore(tmp_path), FakeModel())
     job, _ = first.submit("", JobRequest("a red circle", steps=2), None)
-    second = JobQueue(SqliteStore(tmp_path), FakeModel)
-    with pytest.raises(UserError, match="Another t2v server is using") as refused:
-        second.start()
-    assert "\n" not in str(refused.value)
-    wait_until(lambda: first.store.status(job.id) == "succeeded")
+    fatal = []
+    second = JobQueue(SqliteStore(tmp_path), FakeModel, on_fatal=lambda: fatal.append(1))
+    second.start()  # refused: the CLI prints `load_error` and exits 2, as for a bad model
+    assert fatal and second.state == "failed" and "\n" not in second.load_error
+    assert second.load_error.startswith("Another t2v server is using")
+    wait_until(lambda: first.store.status(job.id) == "succeeded")  # the first one ran on
     first.stop()
-    second.start()  # the first has stopped: the data directory is free
-    second.stop()
+    third = JobQueue(SqliteStore(tmp_path), FakeModel)
+    third.start()  # the first has stopped: the data directory is free
+    assert third.load_error is None
+    third.stop()
+
+
+def test_a_second_t2v_serve_on_one_data_dir_exits_with_one_sentence(tmp_path, tiny_model_dir):
+    with Server(tmp_path / "data", tiny_model_dir):
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "t2v.cli",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--model",
+                str(DEFAULT_MODEL_DIR),
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert second.returncode == 2, second.stderr
+    last = second.stderr.strip().splitlines()[-1]
+    assert "Another t2v server is using" in last and "Traceback" not in second.stderr
 
 
 def test_revoking_a_key_stops_its_running_job_and_drops_its_queued_ones(make_store, start_queue):

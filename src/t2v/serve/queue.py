@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from t2v.errors import UserError
 from t2v.serve.store import (
     FINISHED,
     MAX_ATTEMPTS,
@@ -232,9 +233,15 @@ class JobQueue:
 
     def start(self) -> None:
         """Start the worker threads; with SQLite, first take the data directory (a second
-        server on it is refused) and re-queue the jobs the last process left running."""
+        server on it is refused, as a failed start: `load_error` says why, `on_fatal` runs)
+        and re-queue the jobs the last process left running."""
         if self._threads and hasattr(self.store, "lock"):
-            self.store.lock()
+            try:
+                self.store.lock()
+            except UserError as e:
+                self.load_error = str(e)
+                self.on_fatal()
+                return
             self.store.recover()
         self.store.listen(self.changes.notify)
         for thread in self._threads:
