@@ -614,6 +614,7 @@ def test_openapi_is_served_locally(serve):
         "/v1/videos/{video_id}",
         "/v1/videos/{video_id}/content",
         "/v1/videos/{video_id}/events",
+        "/v1/models",
         "/healthz",
         "/readyz",
     } <= set(schema["paths"])
