@@ -76,9 +76,11 @@ def test_the_openai_client_creates_polls_lists_and_downloads(tmp_path, tiny_mode
 
 def test_seconds_map_to_the_frames_a_diffusers_model_takes(tmp_path, tiny_diffusers):
     """Tiny Wan takes 4k+1 frames at 16 fps: half a second (8 frames) is made as the nearest
-    such count, 9, and the video says so."""
-    with Server(tmp_path / "data", tiny_diffusers["wan"], "--rate-limit", "0") as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    such count, 9, and the video says so; keys and the content filter hold as for t2v's own."""
+    data = tmp_path / "data"
+    _, key = KeyStore(SqliteStore(data)).create("wan-client")
+    with Server(data, tiny_diffusers["wan"], "--auth", "--rate-limit", "0") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
         knobs = client.models.list().data[0].model_extra["knobs"]
         assert (knobs["frames"]["multiple"], knobs["frames"]["offset"]) == (4, 1)
         assert knobs["fps"]["default"] == 16
@@ -95,3 +97,8 @@ def test_seconds_map_to_the_frames_a_diffusers_model_takes(tmp_path, tiny_diffus
         assert frames_of(content) == (9, 32, 48)
         with pytest.raises(openai.UnprocessableEntityError, match="nearest are 32 or 48"):
             client.videos.create(prompt="a dog", size="40x32")
+        with pytest.raises(openai.UnprocessableEntityError, match="blocked term"):
+            client.videos.create(prompt="a c s a m dog", size="48x32")
+        keyless = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            keyless.videos.retrieve(video.id)
