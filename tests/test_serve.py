@@ -288,6 +288,8 @@ def test_models_lists_the_knobs_the_page_builds_from(serve):
     assert knobs["frames"] == {"default": 9, "min": 5, "max": 33, "multiple": 4, "offset": 1}
     assert knobs["steps"]["max"] == 100 and knobs["guidance"]["default"] == 5.0
     assert knobs["max_prompt_chars"] == 500 and knobs["formats"] == ["mp4", "webm", "gif"]
+    assert client.get("/v1/models/held").json() == model
+    assert "GET /v1/models" in assert_error(client.get("/v1/models/sora-2"), 404)
 
 
 def test_malformed_and_oversized_bodies_get_422(serve):
@@ -634,7 +636,7 @@ def test_fuzzed_requests_get_no_server_error_and_match_the_schema(tmp_path, tiny
         real_id = server.post(prompt="a red circle", steps=2)
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 9
+        assert len(operations) == 10
         for operation in operations:
             ids = {"video_id": real_id} if "{video_id}" in operation.path else None
             cases = st.one_of(

@@ -28,7 +28,8 @@ def register_cli(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="Serve the web page and REST API.",
-        description="Serve the web page (/) and the REST API (/v1/videos, described at /docs). "
+        description="Serve the web page (/) and the REST API (/v1/videos, OpenAI's videos API "
+        "with t2v's knobs as extra fields, described at /docs). "
         "The model is loaded once at start-up; one worker runs the queued jobs in order. "
         "SIGTERM finishes the running job (up to --drain-timeout) before exiting; Ctrl-C "
         "puts it back in the queue for the next start.",

@@ -31,6 +31,7 @@ from t2v.serve.queue import FINISHED, Job, JobError, JobQueue, JobRequest
 from t2v.serve.schemas import (
     VIDEO_FORMATS,
     Health,
+    ModelCard,
     ModelList,
     VideoCreate,
     VideoJob,
@@ -171,9 +172,22 @@ def readyz(queue: Queue):
 def list_models(served: Model, queue: Queue, owner: Owner):
     """The served model, its knobs with their defaults and limits (the page builds its form
     from them), and whether it is loaded."""
+    return ModelList(data=[_card(served, queue)])
+
+
+@site.get(
+    "/v1/models/{model_id}", response_model=ModelCard, responses=errors(401, 404), tags=["models"]
+)
+def get_model(model_id: str, served: Model, queue: Queue, owner: Owner):
+    """One model by id, as OpenAI's `models.retrieve` asks for it."""
+    if model_id != served.id:
+        raise JobError(404, f"No model has the id '{model_id[:100]}'; GET /v1/models lists it.")
+    return _card(served, queue)
+
+
+def _card(served: Served, queue: JobQueue) -> ModelCard:
     info = served.model.info if served.model is not None else served.info
-    ready = queue.state == "ready"
-    return ModelList(data=[model_card(info, served.knobs, ready, served.created)])
+    return model_card(info, served.knobs, queue.state == "ready", served.created)
 
 
 # --- videos ------------------------------------------------------------------------------------
