@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -183,6 +184,25 @@ def test_a_job_for_a_model_no_worker_serves_is_refused(make_store, start_queue):
     wait_until(lambda: queue.store.status(job.id) == "succeeded")
     [live] = queue.live_models()
     assert (live.id, live.workers, card_knobs(live.info)) == ("shapes", 1, FakeModel.knobs)
+
+
+def test_one_idempotency_key_sent_to_two_nodes_at_once_makes_one_job(make_store):
+    nodes = [JobQueue(make_store(), FakeModel, workers=0) for _ in range(2)]
+    for attempt in range(10):  # racing the check against the insert, ten times
+        barrier, results = threading.Barrier(2), []
+
+        def send(node, key=f"key-{attempt}", barrier=barrier, results=results):
+            barrier.wait()
+            results.append(node.submit("alice", JobRequest("a red circle", seed=1), key))
+
+        threads = [threading.Thread(target=send, args=(node,)) for node in nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(results) == 2 and results[0][0].id == results[1][0].id
+        assert sorted(replayed for _, replayed in results) == [False, True]
+    assert nodes[0].store.count("queued") == 10
 
 
 def test_workers_share_the_queue_and_each_job_runs_once(make_store, start_queue):

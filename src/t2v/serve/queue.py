@@ -30,6 +30,7 @@ from t2v.errors import UserError
 from t2v.serve.store import (
     FINISHED,
     MAX_ATTEMPTS,
+    DuplicateKey,
     Job,
     JobError,
     JobRequest,
@@ -154,16 +155,8 @@ class JobQueue:
             except PromptError as e:
                 raise JobError(422, str(e)) from None
         with self._lock:
-            if idempotency_key is not None:
-                found = self.store.by_idempotency_key(owner, idempotency_key)
-                if found and found[1] != request_hash(req):
-                    raise JobError(
-                        422,
-                        "This Idempotency-Key was used for a different request;"
-                        " use a new key for new work.",
-                    )
-                if found:
-                    return found[0], True
+            if idempotency_key is not None and (job := self._replay(owner, idempotency_key, req)):
+                return job, True
             if self.store.count("queued") >= self.queue_size:
                 wait = self._eta_of_running()
                 raise JobError(
@@ -178,10 +171,24 @@ class JobQueue:
                     f" retry in {math.ceil(wait)} s.",
                     retry_after=math.ceil(wait),
                 )
-            job = self.store.create(owner, req, idempotency_key)
+            try:
+                job = self.store.create(owner, req, idempotency_key)
+            except DuplicateKey:  # another node took the key between the check and the insert
+                return self._replay(owner, idempotency_key, req), True
         self._wake.set()
         self.changes.notify()
         return job, False
+
+    def _replay(self, owner: str, key: str, req: JobRequest) -> Job | None:
+        """The job this idempotency key made, if the same request made it; else a 422."""
+        found = self.store.by_idempotency_key(owner, key)
+        if found and found[1] != request_hash(req):
+            raise JobError(
+                422,
+                "This Idempotency-Key was used for a different request; use a new key for new"
+                " work.",
+            )
+        return found[0] if found else None
 
     def live_models(self) -> list[LiveModel]:
         """The models that live workers (in this process or any other) serve, by name."""

@@ -59,6 +59,10 @@ class KeyNameTaken(UserError):
     pass
 
 
+class DuplicateKey(Exception):
+    """`create` found this owner's idempotency key taken (by a request to another node)."""
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """The generation knobs, named as in `t2v.model.GenerationRequest` (None: the model's
@@ -183,15 +187,18 @@ class SqlStore:
     def create(self, owner: str, req: JobRequest, idempotency_key: str | None) -> Job:
         fields = asdict(req)
         names = ", ".join(fields)
-        with self._tx() as run:
-            row = run(
-                f"INSERT INTO jobs (id, owner, idempotency_key, request_hash, status, {names},"
-                f" created_at) VALUES (?, ?, ?, ?, 'queued', {', '.join('?' * len(fields))},"
-                " {now}) RETURNING *",
-                (secrets.token_urlsafe(16), owner, idempotency_key, request_hash(req))
-                + tuple(fields.values()),
-            )[0]
-            self._changed(run)
+        try:
+            with self._tx() as run:
+                row = run(
+                    f"INSERT INTO jobs (id, owner, idempotency_key, request_hash, status, {names},"
+                    f" created_at) VALUES (?, ?, ?, ?, 'queued', {', '.join('?' * len(fields))},"
+                    " {now}) RETURNING *",
+                    (secrets.token_urlsafe(16), owner, idempotency_key, request_hash(req))
+                    + tuple(fields.values()),
+                )[0]
+                self._changed(run)
+        except self._integrity_errors():
+            raise DuplicateKey from None
         return _job(row)
 
     def get(self, job_id: str, owner: str | None) -> Job | None:
