@@ -278,6 +278,9 @@ def test_a_multipart_form_is_taken_as_json_is(serve):
     assert "seed" in assert_error(bad, 422)
     upload = client.post("/v1/videos", files={"prompt": (None, "a"), "input_reference": b"png"})
     assert "input_reference" in assert_error(upload, 422)
+    upload = client.post("/v1/videos", files={"prompt": ("prompt.txt", b"a red circle")})
+    assert "prompt" in assert_error(upload, 422)
+    assert len(client.get("/v1/videos").json()["data"]) == 1  # only the first form made a job
 
 
 def test_models_lists_the_knobs_the_page_builds_from(serve):

@@ -201,8 +201,8 @@ def _form_values(form) -> dict:
     numeric = {"seed", "steps", "frames", "width", "height", "guidance", "fps"}
     values = {}
     for name, value in form.multi_items():
-        if not isinstance(value, str):
-            values[name] = "<a file>"
+        if not isinstance(value, str):  # an upload: no field takes one, so the schema refuses it
+            values[name] = {"file": value.filename}
         elif name in numeric and _NUMBER.fullmatch(value):
             values[name] = float(value) if "." in value else int(value)
         else:
