@@ -227,6 +227,11 @@ class SqlStore:
         row = self._one("SELECT status FROM jobs WHERE id = ?", (job_id,))
         return row["status"] if row else None
 
+    def holder(self, job_id: str) -> tuple[str, str | None] | None:
+        """A job's status and the worker that holds it, read each sampling step."""
+        row = self._one("SELECT status, worker FROM jobs WHERE id = ?", (job_id,))
+        return (row["status"], row["worker"]) if row else None
+
     def running(self) -> Job | None:
         return self._job_one("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq LIMIT 1")
 
@@ -406,12 +411,14 @@ class SqlStore:
 
     def heartbeat(self, worker: str, model: str, info: dict) -> None:
         """`worker` is alive and serves `model`, described by `info` (GET /v1/models)."""
-        self._rows(
-            "INSERT INTO workers (id, model, info, seen_at) VALUES (?, ?, ?, {now})"
-            " ON CONFLICT (id) DO UPDATE SET model = excluded.model, info = excluded.info,"
-            " seen_at = excluded.seen_at",
-            (worker, model, json.dumps(info)),
-        )
+        with self._tx() as run:
+            run(
+                "INSERT INTO workers (id, model, info, seen_at) VALUES (?, ?, ?, {now})"
+                " ON CONFLICT (id) DO UPDATE SET model = excluded.model, info = excluded.info,"
+                " seen_at = excluded.seen_at",
+                (worker, model, json.dumps(info)),
+            )
+            run("DELETE FROM workers WHERE seen_at < {now} - 86400")  # killed long ago
 
     def forget_worker(self, worker: str) -> None:
         self._rows("DELETE FROM workers WHERE id = ?", (worker,))

@@ -169,8 +169,7 @@ class Worker:
 
     def _lost(self, job: Job) -> bool:
         """Whether the job was cancelled, or is no longer this worker's."""
-        current = self.store.get(job.id, None)
-        return current is None or current.status != "running" or current.worker != self.name
+        return self.store.holder(job.id) != ("running", self.name)
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> bool:
         """Record the outcome, retrying while the store refuses writes (a full disk) until
