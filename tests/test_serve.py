@@ -223,6 +223,7 @@ def test_events_stream_progress_then_done(serve):
         ({"prompt": "a", "seconds": "10"}, "nearest durations it makes are 4.125 s"),
         ({"prompt": "a", "size": "big"}, "size"),
         ({"prompt": "a", "seconds": "four"}, "seconds"),
+        ({"prompt": "a", "seconds": 1e300}, "seconds"),
         ({"prompt": "a", "seconds": "1", "frames": 9}, "not both"),
         ({"prompt": "a", "size": "32x32", "width": 48}, "not both"),
         ({"prompt": "a", "model": "sora-2"}, "serves the model 'held'"),

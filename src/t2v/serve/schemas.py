@@ -42,6 +42,11 @@ STATUS = {
 }
 SIZE = r"^[0-9]{1,5}x[0-9]{1,5}$"
 SECONDS = r"^[0-9]{1,4}(\.[0-9]{1,3})?$"
+Seconds = (
+    Annotated[str, StringConstraints(pattern=SECONDS)]
+    | Annotated[StrictInt, Field(ge=0, le=9999)]
+    | Annotated[StrictFloat, Field(ge=0, le=9999, allow_inf_nan=False)]
+)
 
 
 def _printable(text: str | None) -> str | None:
@@ -67,8 +72,8 @@ class VideoCreate(BaseModel):
     size: Annotated[str, StringConstraints(pattern=SIZE)] | None = Field(
         None, description="WIDTHxHEIGHT in pixels, e.g. 64x64; or give width and height."
     )
-    seconds: Annotated[str, StringConstraints(pattern=SECONDS)] | StrictInt | StrictFloat | None = (
-        Field(None, description="Duration; frames = seconds x fps. Or give frames.")
+    seconds: Seconds | None = Field(
+        None, description="Duration (OpenAI sends text); frames = seconds x fps. Or give frames."
     )
     negative_prompt: str | None = Field(None, description="What to steer away from.")
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1, description="Same seed and knobs, same video.")
