@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def _check_numbers(knobs: Knobs, request: GenerationRequest) -> None:
             getattr(knobs, name).check(name, value)
 
 
+def tell_reading(request: GenerationRequest) -> None:
+    """Show on stderr how the model read a resolved prompt, and its warnings."""
+    if request.original_prompt is not None:
+        print(f"t2v: read as: {request.prompt}", file=sys.stderr)
+    for warning in request.warnings:
+        print(f"t2v: warning: {warning}", file=sys.stderr)
+
+
 def generate_one(
     request: GenerationRequest,
     output: str | Path | None = None,
@@ -62,6 +71,8 @@ def generate_one(
             bars.append(tqdm(total=total, desc="sampling", unit="step"))
         bars[0].update(done - bars[0].n)
 
+    request = video_model.resolve(request)
+    tell_reading(request)
     try:
         [video] = video_model.generate([request], progress=progress)
     finally:
@@ -110,6 +121,11 @@ def generate_batch(
             )
         except UserError as e:
             records[i]["error"] = str(e)
+            continue
+        if good[-1][1].original_prompt is not None:
+            records[i]["read_as"] = good[-1][1].prompt
+        if good[-1][1].warnings:
+            records[i]["warnings"] = list(good[-1][1].warnings)
     with (
         writing_dir(out_dir, BATCH) as tmp,
         tqdm(total=len(good), desc="generating", unit="clip") as bar,

@@ -174,6 +174,12 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     fps: float | None = None
+    # Filled by `VideoModel.resolve` where a model reads prompts in its own words (the t2v
+    # model, see `t2v.rewrite`): the prompt as the user typed it when ``prompt`` is now the
+    # model's reading of it (None: taken as typed), and sentences to show the user, such as
+    # the words the model does not know.
+    original_prompt: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

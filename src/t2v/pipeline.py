@@ -10,6 +10,7 @@ its knobs come from pipeline.json (steps, guidance, fps) and the autoencoder's c
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from t2v.models.text_encoders import (
     build_text_encoder,
 )
 from t2v.pipeline_config import DEFAULT_MODEL_DIR, PipelineConfig, knobs_of
+from t2v.rewrite import Rewriter
 from t2v.runtime import (
     StepCounter,
     autocast,
@@ -82,7 +84,10 @@ def _load_weights(module: torch.nn.Module, folder: Path) -> None:
 
 class TextToVideoPipeline:
     """The bundled kind of model, a `t2v.model.VideoModel`. ``info`` names it; ``knobs``
-    derive from its configs each time, so they follow a caller that swaps ``config``."""
+    derive from its configs each time, so they follow a caller that swaps ``config``.
+    ``rewriter`` reads prompts in `resolve` (None: taken as typed; `sample` never reads)."""
+
+    rewriter: Rewriter | None = None
 
     def __init__(
         self,
@@ -162,6 +167,7 @@ class TextToVideoPipeline:
         )
         pipe = cls(text_encoder, autoencoder, generator, pipe_cfg, device, precision, info)
         info.extra["device"] = pipe.device.type
+        pipe.rewriter = Rewriter.for_model(path)
         return pipe
 
     def save_pretrained(self, path: str | Path, card: str | None = None) -> Path:
@@ -178,6 +184,8 @@ class TextToVideoPipeline:
         save_component(self.autoencoder, self.autoencoder.config, path / "autoencoder")
         save_component(self.generator, self.generator.config, path / "generator")
         cfg.save_json(self.config, path / "pipeline.json")
+        if self.rewriter is not None:
+            self.rewriter.save(path)
         (path / "README.md").write_text(card or self.default_card(), encoding="utf-8")
         return path
 
@@ -198,8 +206,18 @@ class TextToVideoPipeline:
 
     # --- generation: the VideoModel protocol ----------------------------------------------
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """See `t2v.model.VideoModel.resolve`; also refuses a prompt of unknown words."""
+        """See `t2v.model.VideoModel.resolve`; the prompt is read as the nearest training
+        caption (`t2v.rewrite`, when the folder has a vocabulary.json), with a warning that
+        names the words the model does not know; a prompt of none of its words is refused."""
         request = self.knobs.resolve(request)
+        if self.rewriter is not None and request.original_prompt is None:  # not read yet
+            reading = self.rewriter.rewrite(request.prompt)
+            request = replace(
+                request,
+                prompt=reading.prompt,
+                original_prompt=request.prompt if reading.changed else None,
+                warnings=reading.warnings,
+            )
         if not self.text_encoder.understands(request.prompt):
             raise UserError(_unknown_words(request.prompt))
         return request

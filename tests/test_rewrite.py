@@ -1,0 +1,232 @@
+"""The prompt rewriter (t2v.rewrite): free wording read as the nearest training caption, the
+words it cannot place named, and the evaluation's paraphrases kept apart from its tuning."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from t2v.pipeline_config import DEFAULT_MODEL_DIR
+from t2v.rewrite import FUNCTION_WORDS, VOCABULARY_FILE, Rewriter, words_of
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+@pytest.fixture(scope="module")
+def rewriter() -> Rewriter:
+    return Rewriter.for_model(DEFAULT_MODEL_DIR)
+
+
+def read(rewriter: Rewriter, prompt: str) -> list[dict]:
+    objects, _ = rewriter.objects(words_of(rewriter.rewrite(prompt).prompt))
+    return [{**o.values, "direction": rewriter.direction(o)} for o in objects]
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> dict:
+    from build_lexicon import caption_vocabulary
+
+    return caption_vocabulary()
+
+
+def test_the_shipped_vocabulary_is_the_caption_grammars(vocabulary):
+    shipped = json.loads((DEFAULT_MODEL_DIR / VOCABULARY_FILE).read_text("utf-8"))
+    assert shipped == json.loads(json.dumps(vocabulary))
+
+
+def test_wordnet_relations_place_words_no_table_was_given(tmp_path, vocabulary):
+    """A tiny WordNet in its own file format: the builder finds a satellite adjective, a
+    hyponym and a derivation of caption words, and a word that only resembles them it
+    leaves alone."""
+    from build_lexicon import Settings, expand, read_wordnet
+
+    def data(lines):
+        return "".join(line + " | gloss\n" for line in lines)
+
+    (tmp_path / "data.adj").write_text(
+        data(
+            [
+                "00000001 00 a 01 red 0 001 & 00000002 a 0000",
+                "00000002 00 s 01 vermilion 0 001 & 00000001 a 0000",
+            ]
+        )
+    )
+    (tmp_path / "data.noun").write_text(
+        data(
+            [
+                "00000010 25 n 01 circle 0 002 ~ 00000011 n 0000 + 00000020 a 0101",
+                "00000011 25 n 01 roundel 0 001 @ 00000010 n 0000",
+                "00000012 05 n 01 dog 0 000",
+            ]
+        )
+    )
+    (tmp_path / "data.adj").write_text(
+        (tmp_path / "data.adj").read_text()
+        + data(["00000020 01 a 01 circular 0 001 + 00000010 n 0101"])
+    )
+    (tmp_path / "data.verb").write_text("")
+    (tmp_path / "data.adv").write_text("")
+    (tmp_path / "index.adj").write_text(
+        "red a 1 1 & 1 1 00000001\nvermilion a 1 1 & 1 0 00000002\ncircular a 1 1 + 1 0 00000020\n"
+    )
+    (tmp_path / "index.noun").write_text(
+        "circle n 1 2 ~ + 1 1 00000010\nroundel n 1 1 @ 1 0 00000011\ndog n 1 0 1 1 00000012\n"
+    )
+    for name in ("index.verb", "index.adv", "cntlist.rev"):
+        (tmp_path / name).write_text("")
+    for name in ("noun", "verb", "adj", "adv"):
+        (tmp_path / f"{name}.exc").write_text("")
+    (tmp_path / "rgb.txt").write_text("")
+    lexicon = expand(vocabulary, Settings(), read_wordnet(tmp_path), tmp_path / "rgb.txt")
+    assert lexicon["words"] == {
+        "vermilion": "color:red",
+        "roundel": "shape:circle",
+        "circular": "shape:circle",
+    }
+    reading = Rewriter(vocabulary, lexicon).rewrite("a large vermilion roundel moving left")
+    assert reading.prompt == "a large red circle moving left"
+    assert reading.changed and not reading.unknown
+
+
+def test_words_found_only_through_wordnet_are_read(rewriter):
+    """Words in no caption and in no list of ours (neither the DEV nor the evaluation
+    paraphrases): the shipped lexicon has them from WordNet and X11's colour names."""
+    from dev_paraphrases import dev_words
+
+    from t2v import evaluate
+
+    lists = dev_words() | _eval_words(evaluate)
+    captions = set(rewriter.vocabulary["words"])
+    cases = {
+        "a lilliputian carmine equilateral triangle heading downwards": {
+            "size": "small",
+            "color": "red",
+            "shape": "triangle",
+            "direction": "down",
+        },
+        "an elephantine chartreuse circlet that is inert": {
+            "size": "large",
+            "color": "green",
+            "shape": "circle",
+            "direction": "still",
+        },
+    }
+    for prompt, truth in cases.items():
+        novel = set(words_of(prompt)) - FUNCTION_WORDS - captions
+        assert len(novel) >= 3 and not novel & lists, prompt
+        assert read(rewriter, prompt) == [truth], rewriter.rewrite(prompt)
+
+
+# --- reading prompts ---------------------------------------------------------------------
+
+
+def test_training_captions_are_left_as_typed(rewriter):
+    from t2v import shapes
+
+    for caption in shapes.caption_corpus(seed=3, count=400):
+        reading = rewriter.rewrite(caption)
+        assert reading.prompt == caption and not reading.warnings
+
+
+def test_two_objects_are_read_apart_in_any_joining_words(rewriter):
+    reading = rewriter.rewrite("a tiny scarlet box rising beside a colossal cobalt blue circlet")
+    assert reading.prompt == "a small red square moving up and a large blue circle"
+
+
+def test_from_names_the_start_not_the_goal(rewriter):
+    assert read(rewriter, "a red disc scooting from right to left") == [
+        {"color": "red", "shape": "circle", "direction": "left"}
+    ]
+
+
+def test_unknown_words_are_named_and_the_prompt_still_generates(rewriter):
+    reading = rewriter.rewrite("a dog running on the beach")
+    assert reading.unknown == ("dog", "beach")  # "running" is a motion, without a direction
+    assert "'dog', 'beach'" in reading.warnings[0]
+    assert reading.prompt == "a dog running on the beach"  # nothing to read it as
+    # Words the model knows next to ones it does not: the known ones are read.
+    reading = rewriter.rewrite("a crimson giraffe moving left")
+    assert reading.unknown == ("giraffe",)
+    assert reading.prompt == "a red giraffe moving left"
+
+
+def test_resolve_returns_the_reading_and_the_original(tiny_model_dir, tmp_path):
+    from t2v.backends import load_model
+    from t2v.model import GenerationRequest
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    shutil.copy(DEFAULT_MODEL_DIR / VOCABULARY_FILE, folder / VOCABULARY_FILE)
+    model = load_model(folder, device="cpu")
+    request = model.resolve(GenerationRequest("a  scarlet disc plummeting, on a dog"))
+    assert request.prompt == "a red circle moving down"
+    assert request.original_prompt == "a scarlet disc plummeting, on a dog"
+    assert "'dog'" in request.warnings[0]
+    assert model.resolve(request) == request  # resolving again changes nothing
+    same = model.resolve(GenerationRequest("a small red circle moving left"))
+    assert same.original_prompt is None and same.warnings == ()
+    [video] = model.generate([request])
+    assert video.frames.shape[0] > 0
+
+
+def test_the_cli_prints_how_it_read_the_prompt(tiny_model_dir, tmp_path, capsys):
+    from t2v.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    shutil.copy(DEFAULT_MODEL_DIR / VOCABULARY_FILE, folder / VOCABULARY_FILE)
+    argv = ["generate", "a scarlet disc on a beach", "--model", folder, "--steps", "2"]
+    assert main([str(a) for a in [*argv, "-o", tmp_path / "x.gif"]]) == 0
+    err = capsys.readouterr().err
+    assert "t2v: read as: a red circle\n" in err
+    assert "t2v: warning: This model does not know 'beach'" in err
+
+
+def test_inference_imports_no_training_code():
+    code = (
+        "import sys, t2v.rewrite, t2v.generate, t2v.pipeline; "
+        "print(sorted({'t2v.data', 't2v.train', 't2v.shapes'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --- evaluation honesty --------------------------------------------------------------------
+
+
+def _eval_words(evaluate) -> set[str]:
+    tables = (evaluate.PARAPHRASE_SIZES, evaluate.PARAPHRASE_SHAPES, evaluate.PARAPHRASE_MOTIONS)
+    phrases = [p for t in tables for ps in t.values() for p in ps]
+    phrases += [re.sub(r"\{\w+\}", " ", t) for t in evaluate.PARAPHRASE_TEMPLATES]
+    return {w for p in phrases for w in words_of(p)}
+
+
+def test_the_eval_paraphrases_share_no_word_with_training_or_tuning():
+    """Each evaluation paraphrase says its size, shape or motion in at least one word that
+    no training caption uses, and none of those words is in the DEV set the rewriter was
+    tuned on (nor in the caption vocabulary the rewriter reads)."""
+    from dev_paraphrases import dev_words
+
+    from t2v import evaluate, shapes
+
+    captions = shapes.caption_corpus(seed=0, count=5000)
+    training = {w for c in captions for w in words_of(c)}
+    tables = (evaluate.PARAPHRASE_SIZES, evaluate.PARAPHRASE_SHAPES, evaluate.PARAPHRASE_MOTIONS)
+    for table in tables:
+        for phrases in table.values():
+            for phrase in phrases:
+                assert set(words_of(phrase)) - training - FUNCTION_WORDS, phrase
+    new = _eval_words(evaluate) - training - FUNCTION_WORDS
+    assert new and not new & dev_words()
+    assert not new & set(Rewriter.for_model(DEFAULT_MODEL_DIR).vocabulary["words"])

@@ -1,0 +1,333 @@
+"""Build the two tables the prompt rewriter (`t2v.rewrite`) reads; run once, at build time.
+
+1. ``vocabulary.json`` in a model folder: what the model was trained on, derived from the
+   Moving Shapes caption grammar (`t2v.shapes`): each caption word with the attribute value
+   it names ("ball" -> shape:circle, "rising" -> direction:up), the generic words that name
+   no value ("moving", "diagonally"), and the canonical caption form.
+2. ``src/t2v/lexicon.json``: English words that WordNet relates to those caption words
+   (synonyms, similar-to adjectives, hyponyms, derivations, pertainyms; hypernyms for the
+   generic "a shape" words), each with the label it reaches first, and the irregular forms
+   of those words. Users need no WordNet at run time.
+
+Needs Debian's WordNet database at build time only (``apt-get install -y wordnet-base``,
+files in /usr/share/wordnet); nothing is downloaded.
+
+    .venv/bin/python tools/build_lexicon.py            # both tables, for the bundled model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from t2v import shapes
+from t2v.models.text_encoders import split_objects
+from t2v.rewrite import (
+    FUNCTION_WORDS,
+    LEXICON_PATH,
+    NEGATIONS,
+    VOCABULARY_FILE,
+    Rewriter,
+    base_forms,
+    words_of,
+)
+
+WORDNET = Path("/usr/share/wordnet")
+RGB_TXT = Path("/usr/share/X11/rgb.txt")
+GENERIC_MOTION, GENERIC_OBJECT = "motion:", "object:"
+
+# --- 1. the caption vocabulary ---------------------------------------------------------------
+
+
+def caption_vocabulary() -> dict:
+    """Each caption word's label, derived from the grammar (no word is listed by hand)."""
+    words: dict[str, set[str]] = defaultdict(set)
+    for c in shapes.COLORS:
+        words[c].add(f"color:{c}")
+    for attr, table in (("shape", shapes.SHAPE_WORDS), ("size", shapes.SIZE_WORDS)):
+        for value, phrases in table.items():
+            for phrase in phrases:
+                for w in words_of(phrase):
+                    words[w].add(f"{attr}:{value}")
+    # A motion word names the axes that every direction whose phrases hold it shares: "left"
+    # is in left, up-left and down-left (axis left); "moving" is in all (no axis). The word
+    # after "from" names where the object comes from, not where it goes, so it is dropped.
+    axes = {d: set(d.split("-")) for d in shapes.DIRECTIONS}
+    seen: dict[str, list[set[str]]] = defaultdict(list)
+    for d, phrases in shapes.MOTION_PHRASES.items():
+        for phrase in phrases:
+            for w in set(words_of(re.sub(r"\bfrom \w+", "", phrase))) - FUNCTION_WORDS - NEGATIONS:
+                seen[w].append(axes[d])
+    for w, sets in seen.items():
+        common = set.intersection(*sets)
+        if len(common) == 1:
+            words[w].add(f"direction:{common.pop()}")
+        elif not common:
+            words[w].add(GENERIC_MOTION)
+    phrases = {
+        p: f"{attr}:{value}"
+        for attr, table in (("shape", shapes.SHAPE_WORDS), ("size", shapes.SIZE_WORDS))
+        for value, ps in table.items()
+        for p in ps
+        if " " in p
+    }
+    ambiguous = sorted(w for w, labels in words.items() if len(labels) > 1)
+    if ambiguous:
+        raise SystemExit(f"caption words with two meanings: {ambiguous}")
+    first, second = "{first}", "{second}"
+    vocabulary = {
+        "values": {
+            "color": list(shapes.COLORS),
+            "shape": list(shapes.SHAPES),
+            "size": list(shapes.SIZES),
+            "direction": list(shapes.DIRECTIONS),
+        },
+        "words": {w: labels.pop() for w, labels in sorted(words.items())},
+        "phrases": phrases,
+        # The form every caption may take (shapes.canonical_caption), with a slot per value.
+        "template": shapes.canonical_caption(
+            color="{color}", shape="{shape}", size="{size}", direction="{direction}"
+        ).replace("moving {direction}", "{motion}"),
+        "motion": {
+            d: shapes.canonical_caption("s", "c", "x", d).split(" ", 4)[4]
+            for d in shapes.DIRECTIONS
+        },
+        "rgb": shapes.COLORS,
+        "pair": shapes.PAIR_TEMPLATES[0].format(first=first, second=second),
+    }
+    # The clause patterns of the training stream ("a size color shape direction"): a
+    # prompt clause of one of these forms is left as typed.
+    reader = Rewriter(vocabulary)
+    clauses = {c for caption in shapes.caption_corpus(0, 3000) for c in split_objects(caption)}
+    vocabulary["patterns"] = sorted({reader.pattern(words_of(c)) for c in clauses})
+    return vocabulary
+
+
+# --- 2. WordNet and X11's colour names ----------------------------------------------------
+
+POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
+LEXFILES = {  # lexicographer files (WordNet's lexnames) an attribute's words may come from
+    "color": {0, 7},  # adj.all, noun.attribute
+    "shape": {0, 1, 6, 25},  # adj.all, adj.pert ("circular"), noun.artifact, noun.shape
+    "size": {0},  # adj.all
+    "direction": {0, 2, 38},  # adj.all, adv.all, verb.motion
+    "motion": {38},  # verb.motion
+    "object": {25},  # noun.shape
+}
+SEED_POS = {"shape": "n"}  # a shape word's own senses: nouns ("cross" the adjective is angry)
+# Pointers followed from a caption word's senses: the first step may take any of FIRST (and a
+# hypernym from a shape: "sphere" is above "ball"); later steps only NEXT, and only after a
+# step of NEXT, so a derivation never opens a family of hyponyms.
+FIRST = {"&": "similar to", "~": "hyponym", "+": "derivation", "\\": "pertainym", "^": "also see"}
+NEXT = {"&", "~"}
+
+
+@dataclass
+class Synset:
+    lexfile: int
+    lemmas: list[str]
+    pointers: list[tuple[str, str]]  # (symbol, synset key)
+
+
+@dataclass
+class WordNet:
+    synsets: dict[str, Synset]  # by key "pos:offset"
+    index: dict[str, list[str]]  # a lemma's synset keys, most frequent sense first per pos
+    tags: dict[str, dict[str, int]]  # lemma -> pos -> times its senses were tagged (SemCor)
+    forms: dict[str, set[str]]  # irregular forms: "rose" -> {"rise"}
+
+    def usual(self, lemma: str, pos: str, share: float) -> bool:
+        """Whether ``pos`` is a usual part of speech of ``lemma``: "dog" is seldom a verb."""
+        counts = self.tags.get(lemma)
+        return not counts or counts.get(pos, 0) >= share * sum(counts.values())
+
+
+def _lemma(word: str) -> str:
+    return re.sub(r"\(.*\)$", "", word).replace("_", " ").replace("-", " ").lower()
+
+
+def read_wordnet(root: Path = WORDNET) -> WordNet:
+    synsets: dict[str, Synset] = {}
+    index: dict[str, list[str]] = defaultdict(list)
+    for pos, name in POS_FILES.items():
+        for line in (root / f"data.{name}").read_text("utf-8", "replace").splitlines():
+            if line.startswith("  "):
+                continue  # the licence header
+            f = line.split(" | ")[0].split()
+            n = int(f[3], 16)
+            lemmas = [_lemma(f[4 + 2 * i]) for i in range(n)]
+            k = 4 + 2 * n
+            pointers = []
+            for i in range(int(f[k])):
+                sym, off, p = f[k + 1 + 4 * i : k + 4 + 4 * i]
+                pointers.append((sym, f"{'a' if p == 's' else p}:{off}"))
+            synsets[f"{pos}:{f[0]}"] = Synset(int(f[1]), lemmas, pointers)
+        for line in (root / f"index.{name}").read_text("utf-8", "replace").splitlines():
+            if line.startswith("  "):
+                continue
+            f = line.split()
+            index[_lemma(f[0])] += [f"{pos}:{o}" for o in f[6 + int(f[3]) :]]
+    tags: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for line in (root / "cntlist.rev").read_text("utf-8", "replace").splitlines():
+        key, _, count = line.split()
+        lemma, sense = key.split("%")
+        tags[_lemma(lemma)]["nvara"[int(sense[0]) - 1]] += int(count)  # 5: satellite adj
+    forms: dict[str, set[str]] = defaultdict(set)
+    for name in POS_FILES.values():
+        for line in (root / f"{name}.exc").read_text("utf-8", "replace").splitlines():
+            form, *bases = line.split()
+            forms[_lemma(form)] |= {_lemma(b) for b in bases}
+    return WordNet(synsets, index, tags, forms)
+
+
+@dataclass(frozen=True)
+class Settings:
+    senses: int = 2  # of a caption word, its most frequent senses per part of speech
+    depth: int = 2  # pointer steps from a caption word's sense
+    hypernym_depth: int = 3  # generic "a shape" words: hypernyms of the shape senses
+    share: float = 0.25  # a word's part of speech must have this share of its tagged uses
+    hue: float = 25.0  # degrees: a colour name further from every caption colour is unknown
+
+
+def _seed_synsets(wn: WordNet, word: str, attr: str, settings: Settings) -> list[str]:
+    keys: list[str] = []
+    for base in base_forms(word, {}):  # regular forms only: "left" is no form of "leave"
+        by_pos: dict[str, list[str]] = defaultdict(list)
+        for key in wn.index.get(base, ()):
+            if wn.synsets[key].lexfile in LEXFILES[attr] and key[0] in SEED_POS.get(attr, key[0]):
+                by_pos[key[0]].append(key)
+        keys += [k for ks in by_pos.values() for k in ks[: settings.senses]]
+    return list(dict.fromkeys(keys))
+
+
+def _hsv(rgb) -> tuple[float, float, float]:
+    import colorsys
+
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    return 360 * h, s, v
+
+
+def colour_names(vocabulary: dict, settings: Settings, path: Path = RGB_TXT) -> dict[str, str]:
+    """X11's colour names (rgb.txt), each read as the nearest caption colour: by hue for a
+    saturated colour, white for a light unsaturated one; none for dark, grey or far hues."""
+    palette = {c: _hsv(rgb) for c, rgb in vocabulary["rgb"].items()}
+    white = [c for c, (_, s, v) in palette.items() if s < 0.2]
+    out = {}
+    for line in path.read_text("utf-8", "replace").splitlines():
+        m = re.match(r"\s*(\d+)\s+(\d+)\s+(\d+)\s+([A-Za-z ]+)$", line)
+        if not m or m[4] != m[4].lower():
+            continue  # "NavyBlue" repeats "navy blue"
+        name = m[4].strip()
+        h, s, v = _hsv([int(m[i]) for i in (1, 2, 3)])
+        if s < 0.2 and v > 0.85:
+            out[name] = white[0]
+            continue
+        if v < 0.3 or s < 0.25:
+            continue  # black, grey, dark: no caption colour is near
+        dist = {c: min(abs(h - ch), 360 - abs(h - ch)) for c, (ch, cs, _) in palette.items()}
+        nearest = min((c for c in dist if palette[c][1] >= 0.2), key=dist.get)
+        if dist[nearest] <= settings.hue:
+            out[name] = nearest
+    return out
+
+
+def seeds(vocabulary: dict) -> dict[str, str]:
+    """The caption words and phrases to look up in WordNet: a phrase ("plus sign") whole,
+    not its words, whose own senses ("sign": a billboard) say nothing of the shape."""
+    out = dict(vocabulary["words"])
+    for phrase, label in vocabulary["phrases"].items():
+        for w in phrase.split():
+            out.pop(w, None)
+        out[phrase] = label
+    return out
+
+
+def expand(
+    vocabulary: dict,
+    settings: Settings = Settings(),
+    wn: WordNet | None = None,
+    rgb: Path = RGB_TXT,
+) -> dict:
+    """The lexicon: each English word WordNet relates to a caption word, with its label."""
+    wn = wn or read_wordnet()
+    best: dict[str, tuple[float, set[str]]] = {}
+
+    def reach(lemma: str, pos: str, cost: float, label: str) -> None:
+        if not wn.usual(lemma, pos, settings.share):
+            return
+        old = best.get(lemma)
+        if old is None or cost < old[0]:
+            best[lemma] = (cost, {label})
+        elif cost == old[0]:
+            old[1].add(label)
+
+    for name, colour in colour_names(vocabulary, settings, rgb).items():
+        reach(name, "a", 2.5, f"color:{colour}")  # after WordNet's synonyms
+    shape_senses: list[str] = []
+    for word, label in seeds(vocabulary).items():
+        attr = label.split(":")[0]
+        frontier = {k: "" for k in _seed_synsets(wn, word, attr, settings)}
+        if attr == "shape":
+            shape_senses += frontier
+        seen = set(frontier)
+        for step in range(settings.depth + 1):
+            nxt: dict[str, str] = {}
+            for key, via in frontier.items():
+                if wn.synsets[key].lexfile not in LEXFILES[attr]:
+                    continue
+                for lemma in wn.synsets[key].lemmas:
+                    reach(lemma, key[0], step + 1, label)
+                allowed = FIRST.keys() | ({"@"} if attr == "shape" else set()) if not via else NEXT
+                if via and via not in NEXT:
+                    continue
+                for sym, target in wn.synsets[key].pointers:
+                    if sym == "@" and wn.synsets[target].lexfile not in LEXFILES["object"]:
+                        continue  # "sphere" above "ball", not "game equipment"
+                    if sym in allowed and target not in seen:
+                        seen.add(target)
+                        nxt[target] = sym
+            frontier = nxt
+    # Hypernyms of the shapes ("figure", "polygon", "shape") name an object, not its shape.
+    frontier = set(shape_senses)
+    for step in range(1, settings.hypernym_depth + 1):
+        frontier = {t for k in frontier for sym, t in wn.synsets[k].pointers if sym == "@"}
+        for key in frontier:
+            if wn.synsets[key].lexfile in LEXFILES["object"]:
+                for lemma in wn.synsets[key].lemmas:
+                    reach(lemma, "n", settings.depth + 1 + step, GENERIC_OBJECT)
+    words = {
+        w: labels.pop()
+        for w, (_, labels) in sorted(best.items())
+        if len(labels) == 1 and w not in vocabulary["words"] and w not in FUNCTION_WORDS
+    }
+    forms = {
+        form: sorted(bases & words.keys())
+        for form, bases in sorted(wn.forms.items())
+        if bases & words.keys()
+    }
+    return {
+        "source": "WordNet 3.0 (Debian wordnet-base), X11 rgb.txt (x11-common)",
+        "words": words,
+        "forms": forms,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=Path("src/t2v/default_model"))
+    p.add_argument("--lexicon", type=Path, default=LEXICON_PATH)
+    a = p.parse_args()
+    vocabulary = caption_vocabulary()
+    (a.model / VOCABULARY_FILE).write_text(json.dumps(vocabulary, indent=1) + "\n", "utf-8")
+    lexicon = expand(vocabulary)
+    a.lexicon.write_text(json.dumps(lexicon, separators=(",", ":")) + "\n", "utf-8")
+    print(f"{a.model / VOCABULARY_FILE}: {len(vocabulary['words'])} caption words")
+    print(f"{a.lexicon}: {len(lexicon['words'])} words, {len(lexicon['forms'])} forms")
+
+
+if __name__ == "__main__":
+    main()
