@@ -77,6 +77,7 @@ def test_the_openai_client_creates_polls_lists_and_downloads(tmp_path, tiny_mode
 def test_seconds_map_to_the_frames_a_diffusers_model_takes(tmp_path, tiny_diffusers):
     """Tiny Wan takes 4k+1 frames at 16 fps: half a second (8 frames) is made as the nearest
     such count, 9, and the video says so; keys and the content filter hold as for t2v's own."""
+    pytest.importorskip("diffusers", reason='needs pip install "t2v[diffusers]"')
     data = tmp_path / "data"
     _, key = KeyStore(SqliteStore(data)).create("wan-client")
     with Server(data, tiny_diffusers["wan"], "--auth", "--rate-limit", "0") as server:
