@@ -111,6 +111,43 @@ def test_a_full_disk_fails_the_running_job_once_space_is_back(tmp_path, start_qu
     wait_until(lambda: store.status(after.id) == "succeeded")  # the worker goes on
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (needs root and the right to mount; skipped otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected full disk still runs")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_real_full_disk_fails_the_running_job_once_space_is_back(small_disk, start_queue):
+    store = SqliteStore(small_disk)
+    queue = start_queue(store, FakeModel(step_s=0.02))
+    job, _ = queue.submit("", JobRequest("a red circle", steps=100), None)
+    wait_until(lambda: running(store, job.id))
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+        for size in (65536, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    with pytest.raises(StoreUnavailable):
+        for i in range(100):  # the WAL may hold a few more pages
+            queue.submit("", JobRequest(f"a blue square {i}"), None)
+    time.sleep(2.5)  # longer than the job: its last writes (video, outcome) meet the full disk
+    assert store.get(job.id, None).status == "running"  # not recorded yet: it keeps trying
+    filler.unlink()  # space is back
+    failed = wait_until(lambda: (j := store.get(job.id, None)).status == "failed" and j)
+    assert failed.error.endswith(".") and "could not" in failed.error
+
+
 def test_a_second_server_on_one_data_dir_is_refused(tmp_path, start_queue):
     first = start_queue(SqliteStore(tmp_path), FakeModel())
     job, _ = first.submit("", JobRequest("a red circle", steps=2), None)
