@@ -3,6 +3,7 @@ SGLang Diffusion, LocalAI and the AI SDK speak it, unchanged, with t2v's keys.""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 
 import av
@@ -74,10 +75,12 @@ def test_the_openai_client_creates_polls_lists_and_downloads(tmp_path, tiny_mode
             wrong.videos.list()
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason='needs pip install "t2v[diffusers]"'
+)
 def test_seconds_map_to_the_frames_a_diffusers_model_takes(tmp_path, tiny_diffusers):
     """Tiny Wan takes 4k+1 frames at 16 fps: half a second (8 frames) is made as the nearest
     such count, 9, and the video says so; keys and the content filter hold as for t2v's own."""
-    pytest.importorskip("diffusers", reason='needs pip install "t2v[diffusers]"')
     data = tmp_path / "data"
     _, key = KeyStore(SqliteStore(data)).create("wan-client")
     with Server(data, tiny_diffusers["wan"], "--auth", "--rate-limit", "0") as server:
