@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from t2v.errors import UserError
+from t2v.model import VideoModel
 from t2v.serve.store import (
     FINISHED,
     MAX_ATTEMPTS,
@@ -87,16 +88,16 @@ class Changes:
 class JobQueue:
     """The service the routes call: validation, admission, and `workers` worker threads.
 
-    `load_pipeline` (a `VideoModel`, or a callable like the bundled pipeline) runs once, on
-    the first worker thread, before the first job; `on_fatal` is called when it fails (the
-    CLI uses it to stop the server with a non-zero exit). With `workers=0` the node only
-    serves the API, and `t2v worker` processes sharing its store run the jobs.
+    `load_model` (returning a `t2v.model.VideoModel`) runs once, on the first worker thread,
+    before the first job; `on_fatal` is called when it fails (the CLI uses it to stop the
+    server with a non-zero exit). With `workers=0` the node only serves the API, and
+    `t2v worker` processes sharing its store run the jobs.
     """
 
     def __init__(
         self,
         store: SqlStore,
-        load_pipeline: Callable[[], Callable],
+        load_model: Callable[[], VideoModel],
         *,
         blocked_term: Callable[[str], str | None] = lambda prompt: None,
         rate_limit: Callable[[str], float] = lambda owner: 0.0,
@@ -106,13 +107,13 @@ class JobQueue:
         lease_s: float = 60.0,
     ):
         self.store, self.changes = store, Changes()
-        self._load, self._blocked_term, self._rate_limit = load_pipeline, blocked_term, rate_limit
+        self._load, self._blocked_term, self._rate_limit = load_model, blocked_term, rate_limit
         self.queue_size, self.on_fatal, self.lease_s = queue_size, on_fatal, lease_s
         self._lock = threading.Lock()  # admission: idempotency check, bound and insert as one
         self._wake = threading.Event()
         self._draining, self._stop = threading.Event(), threading.Event()
         self._loaded = threading.Event()
-        self._pipe: Callable | None = None
+        self._model: VideoModel | None = None
         self.load_error: str | None = None
         self.workers: list[Worker] = []
         self._threads = [
@@ -125,7 +126,7 @@ class JobQueue:
     @property
     def model(self):
         """The loaded model, or None while it loads (or on a node without workers)."""
-        return self._pipe
+        return self._model
 
     @property
     def state(self) -> str:
@@ -149,11 +150,6 @@ class JobQueue:
             raise JobError(503, "The server is shutting down; retry in a minute.", retry_after=60)
         req = _checked(req, self._blocked_term)
         self._check_model(req.model)
-        if (check := getattr(self._pipe, "check_prompt", None)) is not None:
-            try:  # e.g. a prompt the model knows no word of: refuse now, not after queueing
-                check(req.prompt)
-            except PromptError as e:
-                raise JobError(422, str(e)) from None
         with self._lock:
             if idempotency_key is not None and (job := self._replay(owner, idempotency_key, req)):
                 return job, True
@@ -288,7 +284,7 @@ class JobQueue:
     def _run(self, index: int) -> None:
         if index == 0:
             try:
-                self._pipe = self._load()
+                self._model = self._load()
             except Exception as e:
                 self.load_error = f"The model could not be loaded: {e}"
                 log.exception("loading the model failed")
@@ -302,7 +298,7 @@ class JobQueue:
                 if self.load_error or self._stop.is_set():
                     return
         worker = Worker(
-            self.store, self._pipe, lease_s=self.lease_s, stop=self._stop, on_change=self._notify
+            self.store, self._model, lease_s=self.lease_s, stop=self._stop, on_change=self._notify
         )
         self.workers.append(worker)
         self._beat(worker)

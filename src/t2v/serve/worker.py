@@ -183,7 +183,7 @@ class Worker:
                     return False
 
 
-def _generate(model, job: Job, progress, cancelled):
+def _generate(model: VideoModel, job: Job, progress, cancelled):
     """One video for `job` through the model protocol."""
     request = GenerationRequest(
         job.prompt,
@@ -196,17 +196,7 @@ def _generate(model, job: Job, progress, cancelled):
         job.height,
         job.fps,
     )
-    if isinstance(model, VideoModel):
-        return model.generate([model.resolve(request)], progress=progress, cancelled=cancelled)[0]
-    # A callable like the bundled pipeline's __call__, until it implements VideoModel.
-    return model(
-        job.prompt,
-        negative_prompt=job.negative_prompt,
-        seed=job.seed,
-        steps=job.steps,
-        guidance=job.guidance,
-        callback=progress,
-    )
+    return model.generate([model.resolve(request)], progress=progress, cancelled=cancelled)[0]
 
 
 def register_cli(subparsers, data_dir_option) -> None:
