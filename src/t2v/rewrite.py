@@ -97,9 +97,6 @@ class _Object:
     values: dict[str, str] = field(default_factory=dict)
     axes: list[str] = field(default_factory=list)
     still: bool = False
-    moving: bool = False  # a motion word came: later unknown words describe the motion
-    before: list[str] = field(default_factory=list)  # unknown words of the noun phrase
-    after: list[str] = field(default_factory=list)  # unknown words of the motion
 
     def placed(self) -> bool:
         return bool(self.values or self.axes or self.still)
@@ -110,10 +107,9 @@ class Rewriter:
 
     MAX_PHRASE = 3  # words in the longest table entry tried
 
-    def __init__(self, vocabulary: dict, lexicon: dict | None = None, keep_unknown: bool = True):
+    def __init__(self, vocabulary: dict, lexicon: dict | None = None):
         lexicon = lexicon or {"words": {}, "forms": {}}
         self.vocabulary = vocabulary
-        self.keep_unknown = keep_unknown
         known = {label for label in vocabulary["words"].values()}
         known |= {"motion:", "object:"}
         # Only lexicon entries that name a label this model knows (another model folder may
@@ -184,9 +180,6 @@ class Rewriter:
                     negated = True
                 elif w not in FUNCTION_WORDS:
                     unknown.append(w)
-                    # A participle after the noun ("shifting", "headed") starts the motion.
-                    obj.moving |= obj.placed() and w.endswith(("ing", "ed")) and len(w) > 5
-                    (obj.after if obj.moving else obj.before).append(w)
                 i += 1
                 continue
             attr, value = label.split(":")
@@ -197,7 +190,6 @@ class Rewriter:
                 obj.axes.append(value)
             elif attr in ("color", "shape", "size"):
                 obj.values.setdefault(attr, value)
-            obj.moving |= attr in ("direction", "motion")
             negated = False
             i += n
         return [o for o in objects if o.placed()] or objects[:1], unknown
@@ -211,21 +203,12 @@ class Rewriter:
         return "still" if obj.still else None
 
     def _caption(self, obj: _Object) -> str:
-        """The canonical caption of ``obj``. With ``keep_unknown``, a slot the tables could
-        not fill keeps the user's own words for it, for the text encoder to make of them:
-        the noun phrase's last unknown word as the shape, its others as the colour, the
-        motion's unknown words after "moving" ("a large red sphere moving northwest")."""
+        """The canonical caption of ``obj``, without the words no table placed: on DEV
+        prompts, keeping them in the empty slots ("a large red sphere") drew fewer right
+        two-object clips (tools/dev_paraphrases.py)."""
         direction = self.direction(obj)
         slots = {a: obj.values.get(a, "") for a in ("size", "color", "shape")}
         motion = self.vocabulary["motion"][direction] if direction else ""
-        if self.keep_unknown:
-            before = list(obj.before)
-            if not slots["shape"] and before:
-                slots["shape"] = before.pop()
-            if not slots["color"]:
-                slots["color"] = " ".join(before)
-            if not motion and obj.after:
-                motion = " ".join(["moving", *obj.after])
         text = " ".join(self.vocabulary["template"].format(**slots, motion=motion).split())
         if text.startswith("a ") and text[2:3] in "aeiou":
             text = "an" + text[1:]
