@@ -293,6 +293,13 @@ def test_models_lists_the_knobs_the_page_builds_from(serve):
     assert knobs["steps"]["max"] == 100 and knobs["guidance"]["default"] == 5.0
     assert knobs["max_prompt_chars"] == 500 and knobs["formats"] == ["mp4", "webm", "gif"]
     assert client.get("/v1/models/held").json() == model
+    # the API schema states the same limits, read from the same Knobs
+    body = client.get("/openapi.json").json()["paths"]["/v1/videos"]["post"]["requestBody"]
+    for content in body["content"].values():
+        frames = content["schema"]["properties"]["frames"]
+        assert frames["default"] == 9 and "4k+1" in frames["description"]
+        assert {"minimum": 5, "maximum": 33}.items() <= frames["anyOf"][0].items()
+        assert content["schema"]["properties"]["width"]["anyOf"][0]["multipleOf"] == 16
     assert "GET /v1/models" in assert_error(client.get("/v1/models/sora-2"), 404)
 
 

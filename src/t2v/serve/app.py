@@ -5,6 +5,7 @@ checks in `guard.py`, the JSON shapes in `schemas.py`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sqlite3
@@ -29,7 +30,7 @@ from t2v.serve.filter import DEFAULT_BLOCKLIST, ContentFilter
 from t2v.serve.guard import LOOPBACK_NAMES, Guard, hostname
 from t2v.serve.queue import JobError, JobQueue
 from t2v.serve.routes import STATIC, Served, site, videos
-from t2v.serve.schemas import VideoCreate, error_response
+from t2v.serve.schemas import VideoCreate, error_response, state_knobs
 from t2v.serve.store import open_store
 
 log = logging.getLogger("t2v.serve")
@@ -166,6 +167,18 @@ def create_app(config: ServeConfig, model: VideoModel | None = None, on_fatal=la
     )
     app.state.config, app.state.queue, app.state.keys = config, queue, keys
     app.state.served = Served(knobs, info, time.time(), queue)
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # generated once, then kept by FastAPI
+            schema = copy.deepcopy(generated_openapi())  # the routes' parts are shared
+            post = schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+            for content in post.values():
+                state_knobs(content["schema"], knobs)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     wildcard = config.host in ("0.0.0.0", "::", "")
     public_names = [urlsplit(url).hostname or "" for url in config.public_urls]
     names = {

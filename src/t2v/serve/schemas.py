@@ -3,7 +3,8 @@
 OpenAI-compatible clients send `model`, `prompt`, `size` ("WxH") and `seconds`; t2v's other
 knobs (negative_prompt, seed, steps, guidance, frames, width, height, fps, format) are extra
 fields. Numbers are strict: a string or a boolean where a number belongs is a 422. Limits
-are the served model's (`t2v.model.Knobs`, at `GET /v1/models`), checked by the routes.
+are the served model's (`t2v.model.Knobs`): shown at `GET /v1/models`, written into the
+request schema at `/openapi.json` (`state_knobs`), and checked by the model on each request.
 
 Every error is `{"error": {"message": "<one sentence>", "type", "code", "param"}}`, as
 OpenAI's API answers, so that its clients raise it with the sentence.
@@ -273,6 +274,25 @@ def model_card(info: ModelInfo, knobs: Knobs, ready: bool, created: float) -> Mo
             formats=list(VIDEO_FORMATS),
         ),
     )
+
+
+def state_knobs(body_schema: dict, knobs: Knobs) -> None:
+    """Write the served model's limits and defaults into the request body's JSON schema (at
+    `/openapi.json`), so the API schema reads them from the model as the page does; the
+    model still checks every request, and names the nearest values it can take."""
+    for name in ("steps", "guidance", "frames", "width", "height", "fps"):
+        knob, field = getattr(knobs, name), body_schema["properties"][name]
+        number = field["anyOf"][0]  # the branch that is not null
+        number.pop("exclusiveMinimum", None)
+        number.update(minimum=knob.lo, maximum=knob.hi)
+        rule = ""
+        if getattr(knob, "multiple", 1) > 1:
+            if knob.offset:
+                rule = f", of the form {knob.multiple}k+{knob.offset}"
+            else:
+                number["multipleOf"] = knob.multiple
+        field["default"] = knob.default
+        field["description"] += f" This model: {knob.lo:g} to {knob.hi:g}{rule}."
 
 
 _ERROR_CODES = {
