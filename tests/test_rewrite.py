@@ -192,6 +192,32 @@ def test_the_cli_prints_how_it_read_the_prompt(tiny_model_dir, tmp_path, capsys)
     assert "t2v: warning: This model does not know 'beach'" in err
 
 
+def test_a_batch_records_each_reading(tiny_model_dir, tmp_path):
+    from t2v.generate import generate_batch
+    from t2v.model import GenerationRequest
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    shutil.copy(DEFAULT_MODEL_DIR / VOCABULARY_FILE, folder / VOCABULARY_FILE)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle moving left\na scarlet disc beside a sandcastle\n")
+    template = GenerationRequest("", steps=2)
+    index = generate_batch(prompts, tmp_path / "out", template, model=folder, format="gif")
+    first, second = [json.loads(line) for line in index.read_text().splitlines()]
+    assert "read_as" not in first and "warnings" not in first
+    assert second["read_as"] == "a red circle"
+    assert "'sandcastle'" in second["warnings"][0]
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="no WordNet")
+def test_the_shipped_lexicon_is_what_the_builder_makes(vocabulary):
+    """Needs Debian's wordnet-base (build time only); catches a lexicon left stale."""
+    from build_lexicon import expand
+
+    shipped = json.loads((ROOT / "src/t2v/lexicon.json").read_text("utf-8"))
+    assert shipped == json.loads(json.dumps(expand(vocabulary)))
+
+
 def test_inference_imports_no_training_code():
     code = (
         "import sys, t2v.rewrite, t2v.generate, t2v.pipeline; "
