@@ -254,6 +254,7 @@ def test_workers_share_the_queue_and_each_job_runs_once(make_store, start_queue)
 # --- two API nodes and three `t2v worker` processes on one PostgreSQL ------------------------
 
 LEASE_S = 3.0
+MODEL = "t2v-moving-shapes"  # the bundled model's id: the API nodes check requests against it
 
 
 class Cluster:
@@ -285,7 +286,7 @@ class Cluster:
         log = open(self.data.parent / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         self.workers.append(
             subprocess.Popen(
-                launch_args("t2v", 0.002, self.log, *args, "--lease-seconds", str(LEASE_S)),
+                launch_args(MODEL, 0.002, self.log, *args, "--lease-seconds", str(LEASE_S)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,

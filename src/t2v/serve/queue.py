@@ -193,8 +193,8 @@ class JobQueue:
     def _check_model(self, model: str | None) -> None:
         """A job that names a model goes only to workers serving it: refuse one none serves.
         A job that names none goes to any worker (a deployment of one model needs no name)."""
-        if model is None:
-            return
+        if model is None or (self._threads and not self._loaded.is_set()):
+            return  # this process's own workers are still loading the model it serves
         served = [m.id for m in self.live_models()]
         if model not in served:
             names = ", ".join(f"'{m}'" for m in served) or "none right now"

@@ -286,6 +286,7 @@ def _job_request(body: VideoCreate, served: Served) -> JobRequest:
         width=knobs.width,
         height=knobs.height,
         fps=knobs.fps,
+        model=served.id,  # only workers serving this model take the job
     )
 
 
