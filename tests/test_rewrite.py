@@ -138,6 +138,15 @@ def test_training_captions_are_left_as_typed(rewriter):
         assert reading.prompt == caption and not reading.warnings
 
 
+def test_a_reading_reads_as_itself(rewriter):
+    """A server stores the reading and a worker resolves it again: nothing may drift."""
+    from dev_paraphrases import dev_set
+
+    for prompt, _ in dev_set(200, seed=5):
+        once = rewriter.rewrite(prompt).prompt
+        assert rewriter.rewrite(once).prompt == once, prompt
+
+
 def test_two_objects_are_read_apart_in_any_joining_words(rewriter):
     reading = rewriter.rewrite("a tiny scarlet box rising beside a colossal cobalt blue circlet")
     assert reading.prompt == "a small red square moving up and a large blue circle"
