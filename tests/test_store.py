@@ -10,6 +10,7 @@ from pg import postgres  # noqa: F401 - the session fixture
 from t2v.errors import UserError
 from t2v.serve.auth import KeyStore, RateLimiter
 from t2v.serve.store import MAX_ATTEMPTS, SCHEMA_VERSION, JobRequest, StoreUnavailable
+from t2v.serve.store import open_store as open_store_for
 from t2v.serve.store_sqlite import SqliteStore
 
 
@@ -194,3 +195,13 @@ def test_a_corrupt_sqlite_file_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match="not a t2v database") as refused:
         SqliteStore(tmp_path)
     assert "\n" not in str(refused.value)
+
+
+def test_an_unreachable_or_wrong_db_url_is_one_sentence(tmp_path):
+    for url in (f"postgresql://t2v@/none?host={tmp_path}", "mysql://db/t2v"):
+        started = time.monotonic()
+        with pytest.raises(UserError) as refused:
+            open_store_for(url, tmp_path, wait_s=1)
+        message = str(refused.value)
+        assert "\n" not in message and message.endswith(".") and "--db" in message
+        assert time.monotonic() - started < 5  # waited a little for a starting database

@@ -310,7 +310,7 @@ def _keys(args: argparse.Namespace):
     from t2v.serve.store import open_store
 
     with data_dir_errors(args.data_dir):
-        return KeyStore(open_store(getattr(args, "db", None), args.data_dir))
+        return KeyStore(open_store(getattr(args, "db", None), args.data_dir, wait_s=5))
 
 
 def _keys_create(args: argparse.Namespace) -> None:

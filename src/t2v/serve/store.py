@@ -444,8 +444,9 @@ def too_new(found: int, where: str) -> UserError:
     )
 
 
-def open_store(db: str | None, data_dir: Path) -> SqlStore:
-    """The store `--db` names: a postgresql:// URL, or None for the data directory's SQLite."""
+def open_store(db: str | None, data_dir: Path, wait_s: float = 60.0) -> SqlStore:
+    """The store `--db` names: a postgresql:// URL (waiting up to `wait_s` for a database
+    that is still starting), or None for the data directory's SQLite."""
     if db is None:
         from t2v.serve.store_sqlite import SqliteStore
 
@@ -454,4 +455,4 @@ def open_store(db: str | None, data_dir: Path) -> SqlStore:
         raise UserError(f"--db must be a postgresql:// URL, not '{db[:60]}'.")
     from t2v.serve.store_pg import PgStore
 
-    return PgStore(db, data_dir)
+    return PgStore(db, data_dir, connect_timeout=wait_s)

@@ -244,7 +244,7 @@ def _wait_for(url: str, timeout: float) -> None:
             psycopg.connect(url, connect_timeout=5).close()
             return
         except psycopg.OperationalError as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            reason = " ".join(str(e).split()) or type(e).__name__
             permanent = any(w in reason for w in ("does not exist", "authentication failed"))
             if permanent or time.monotonic() + delay > deadline:
                 raise UserError(
