@@ -15,11 +15,13 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
 from fake_model import FakeModel, launch_args
 from pg import postgres  # noqa: F401 - the session fixture
 from servers import Server, _die_with_parent
 from t2v.pipeline_config import DEFAULT_MODEL_DIR
+from t2v.serve.app import ServeConfig, create_app
 from t2v.serve.auth import KeyStore
 from t2v.serve.queue import JobQueue
 from t2v.serve.store import FINISHED, JobError, JobRequest, StoreUnavailable
@@ -109,6 +111,20 @@ def test_a_full_disk_fails_the_running_job_once_space_is_back(tmp_path, start_qu
     assert "could not record" in failed.error and failed.error.endswith(".")
     after, _ = queue.submit("", JobRequest("a green circle", steps=2), None)
     wait_until(lambda: store.status(after.id) == "succeeded")  # the worker goes on
+
+
+def test_a_post_on_a_full_disk_is_a_503_with_retry_after(tmp_path):
+    app = create_app(ServeConfig(data_dir=tmp_path / "data"), FakeModel("t2v-moving-shapes"))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        wait_until(lambda: client.get("/readyz").status_code == 200)
+        store = app.state.queue.store
+        store._db = _FullDisk(store._db)
+        store._db.full = True
+        r = client.post("/v1/videos", json={"prompt": "a red circle"})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+        assert "retry" in r.text
+        store._db.full = False
+        assert client.post("/v1/videos", json={"prompt": "a red circle"}).status_code == 202
 
 
 @pytest.fixture
