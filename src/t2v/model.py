@@ -177,9 +177,9 @@ class GenerationRequest:
     # Filled by `VideoModel.resolve` where a model reads prompts in its own words (the t2v
     # model, see `t2v.rewrite`): the prompt as the user typed it when ``prompt`` is now the
     # model's reading of it (None: taken as typed), and sentences to show the user, such as
-    # the words the model does not know.
-    original_prompt: str | None = None
-    warnings: tuple[str, ...] = ()
+    # the words the model does not know. Marked "resolved": no caller sets them.
+    original_prompt: str | None = field(default=None, metadata={"resolved": True})
+    warnings: tuple[str, ...] = field(default=(), metadata={"resolved": True})
 
 
 @dataclass(frozen=True)
