@@ -29,6 +29,7 @@ from pathlib import Path
 from t2v.errors import UserError
 from t2v.model import VideoModel
 from t2v.serve.store import (
+    API_STATUS,
     FINISHED,
     MAX_ATTEMPTS,
     DuplicateKey,
@@ -215,8 +216,9 @@ class JobQueue:
     def cancel(self, job_id: str, owner: str) -> Job:
         job = self.get(job_id, owner)
         if not self.store.cancel(job.id):
+            status = self.store.status(job.id) or job.status  # it may have just finished
             done = {"cancelled": "was already cancelled"}.get(
-                job.status, f"has already {job.status}"
+                status, f"has already {API_STATUS[status]}"
             )
             raise JobError(409, f"The job {done}, so there is nothing to cancel.")
         self.changes.notify()  # a running job stops at its next sampling step
@@ -225,8 +227,10 @@ class JobQueue:
     def video(self, job_id: str, owner: str) -> tuple[Job, Path]:
         job = self.get(job_id, owner)
         if job.status != "succeeded":
-            hint = "it has none" if job.status in FINISHED else "watch its events until it succeeds"
-            raise JobError(409, f"The video is not ready: the job is {job.status}; {hint}.")
+            hint = "it has none" if job.status in FINISHED else "its events say when it completes"
+            raise JobError(
+                409, f"The video is not ready: the job is {API_STATUS[job.status]}; {hint}."
+            )
         path = self.store.video_path(job)
         if not path.is_file():
             raise JobError(404, "The video file is missing from the server's data directory.")

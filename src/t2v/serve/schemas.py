@@ -28,19 +28,12 @@ from pydantic import (
 
 from t2v.model import SEED, Knobs, ModelInfo
 from t2v.serve.queue import Job
+from t2v.serve.store import API_STATUS
 from t2v.video import FORMATS
 
 VIDEO_FORMATS = {name: kind for name, kind in FORMATS.items() if name != "png"}  # files only
 Format = Literal[tuple(VIDEO_FORMATS)]
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
-# The queue's names for a job's states, and the OpenAI videos API's.
-STATUS = {
-    "queued": "queued",
-    "running": "in_progress",
-    "succeeded": "completed",
-    "failed": "failed",
-    "cancelled": "cancelled",
-}
 SIZE = r"^[0-9]{1,5}x[0-9]{1,5}$"
 SECONDS = r"^[0-9]{1,4}(\.[0-9]{1,3})?$"
 Seconds = (
@@ -220,7 +213,7 @@ def job_view(job: Job, model: str, knobs: Knobs) -> VideoJob:
     failed = job.status == "failed"
     return VideoJob(
         id=job.id,
-        status=STATUS[job.status],
+        status=API_STATUS[job.status],
         progress=100 if job.status == "succeeded" else int(job.progress * 100),
         created_at=int(job.created_at),
         completed_at=_int(job.finished_at),

@@ -35,6 +35,14 @@ from t2v.errors import UserError
 log = logging.getLogger("t2v.serve")
 
 FINISHED = ("succeeded", "failed", "cancelled")
+# The store's names for a job's states, and the API's (OpenAI's videos API, and cancelled).
+API_STATUS = {
+    "queued": "queued",
+    "running": "in_progress",
+    "succeeded": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
 MAX_ATTEMPTS = 3
 SCHEMA_VERSION = 2
 _ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
