@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -75,6 +76,12 @@ class HeldModel:
         request = self.knobs.resolve(request)
         if "xyzzy" in request.prompt:
             raise UserError("The model knows none of the words in 'xyzzy'; describe a shape.")
+        if "crimson" in request.prompt and request.original_prompt is None:  # a reading
+            read = request.prompt.replace("crimson", "red").replace(" giraffe", "")
+            warning = (
+                ("The model does not know the word 'giraffe'.",) if read != request.prompt else ()
+            )
+            return replace(request, prompt=read, original_prompt=request.prompt, warnings=warning)
         return request
 
     def generate(self, requests, progress=None, cancelled=None):
@@ -265,6 +272,59 @@ def test_knobs_map_to_the_video_made(serve):
     assert decoded(client.get(done["content_url"]).content) == (5, 64, 16)
     asked = [(r.frames, r.width, r.height, r.fps) for r in pipeline.requests]
     assert asked == [(17, 48, 16, 8.0), (5, 16, 64, 10.0)]
+
+
+def test_the_prompt_is_normalised_once_from_post_to_video(serve, monkeypatch):
+    """The route resolves the request (normalise, defaults, limits) once; the queue filters
+    it as it is and the worker and the model's generate do not normalise it again."""
+    import t2v.serve.queue
+    import t2v.text
+
+    calls = []
+
+    def counted(normalize):
+        def wrapper(*args, **kwargs):
+            calls.append(args[0])
+            return normalize(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(t2v.text, "normalize", counted(t2v.text.normalize))
+    monkeypatch.setattr(t2v.serve.queue, "normalize", counted(t2v.serve.queue.normalize))
+
+    class Resolving(HeldModel):  # generate resolves again, as the protocol says models do
+        def generate(self, requests, progress=None, cancelled=None):
+            return super().generate([self.resolve(r) for r in requests], progress, cancelled)
+
+    client, model = serve(Resolving())
+    job = client.post("/v1/videos", json={"prompt": "  a red\u200b circle  "}).json()
+    wait_status(client, job["id"], "completed")
+    assert calls == ["  a red\u200b circle  "]
+    assert model.calls == ["a red circle"] and job["revised_prompt"] == "a red circle"
+
+
+def test_the_models_reading_of_the_prompt_is_returned_and_kept(serve):
+    """`revised_prompt` is the prompt the model was given, `prompt` the one sent, and
+    `warnings` the model's sentences about it; the worker runs the reading as it was read."""
+    client, model = serve()
+    r = client.post("/v1/videos", json={"prompt": "a crimson giraffe circle"})
+    job = r.json()
+    assert r.status_code == 202, r.text
+    assert (job["prompt"], job["revised_prompt"]) == ("a crimson giraffe circle", "a red circle")
+    assert job["warnings"] == ["The model does not know the word 'giraffe'."]
+    done = wait_status(client, job["id"], "completed")
+    assert (done["prompt"], done["revised_prompt"], done["warnings"]) == (
+        job["prompt"],
+        job["revised_prompt"],
+        job["warnings"],
+    )
+    assert model.calls == ["a red circle"]
+    plain = client.post("/v1/videos", json={"prompt": "a red  circle"}).json()
+    assert (plain["prompt"], plain["revised_prompt"], plain["warnings"]) == (
+        "a red circle",
+        "a red circle",
+        [],
+    )
 
 
 def test_a_multipart_form_is_taken_as_json_is(serve):

@@ -133,11 +133,16 @@ class Knobs:
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """``request`` with its prompts normalised (`t2v.text.normalize`) and each ``None``
         replaced by the default; a value out of limits raises `UserError`. Both backends'
-        `resolve` start here, so the rules below are written once."""
+        `resolve` start here, so the rules below are written once. A request that is already
+        resolved is returned as it is (a server resolves once; its worker and `generate` do
+        not normalise the prompt again)."""
         from t2v.text import normalize  # its PromptError is a UserError
 
+        if request.resolved:
+            return request
         return replace(
             request,
+            resolved=True,
             prompt=normalize(request.prompt, self.max_prompt_chars),
             negative_prompt=self.negative(request.negative_prompt),
             seed=SEED.check("seed", request.seed),
@@ -180,6 +185,7 @@ class GenerationRequest:
     # the words the model does not know. Marked "resolved": no caller sets them.
     original_prompt: str | None = field(default=None, metadata={"resolved": True})
     warnings: tuple[str, ...] = field(default=(), metadata={"resolved": True})
+    resolved: bool = field(default=False, metadata={"resolved": True})  # by `Knobs.resolve`
 
 
 @dataclass(frozen=True)

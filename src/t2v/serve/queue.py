@@ -336,20 +336,19 @@ class JobQueue:
 
 
 def _checked(req: JobRequest, blocked_term: Callable[[str], str | None]) -> JobRequest:
-    """The request with prompts normalised as the pipeline will see them, or a 422."""
-    try:
-        prompt = normalize(req.prompt)
-    except PromptError as e:
-        raise JobError(422, str(e)) from None
-    negative = _negative_prompt(req.negative_prompt)
-    for text in (prompt, negative or ""):
-        if term := blocked_term(text):
+    """The request through the content filter, or a 422. A resolved request (the routes
+    resolve each one through the model) is filtered as it is; another has its prompts
+    normalised first, as the model will see them."""
+    if not req.resolved:
+        try:
+            req = replace(
+                req,
+                prompt=normalize(req.prompt),
+                negative_prompt=normalize_negative(req.negative_prompt) or None,
+            )
+        except PromptError as e:
+            raise JobError(422, str(e)) from None
+    for text in (req.original_prompt, req.prompt, req.negative_prompt):
+        if text and (term := blocked_term(text)):
             raise JobError(422, f"The prompt contains the blocked term '{term}'; rephrase it.")
-    return replace(req, prompt=prompt, negative_prompt=negative)
-
-
-def _negative_prompt(text: str | None) -> str | None:
-    try:  # nothing visible is no negative prompt: the rule of t2v.text, on every path
-        return normalize_negative(text) or None
-    except PromptError as e:
-        raise JobError(422, str(e)) from None
+    return req

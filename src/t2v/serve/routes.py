@@ -287,6 +287,9 @@ def _job_request(body: VideoCreate, served: Served) -> JobRequest:
         height=knobs.height,
         fps=knobs.fps,
         model=served.id,  # only workers serving this model take the job
+        original_prompt=knobs.original_prompt,
+        warnings=knobs.warnings,
+        resolved=knobs.resolved,
     )
 
 

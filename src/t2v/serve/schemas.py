@@ -103,7 +103,12 @@ class VideoJob(BaseModel):
     completed_at: int | None = Field(description="When the job finished, if it has.")
     expires_at: int | None = None
     model: str
-    prompt: str
+    prompt: str = Field(description="The prompt as it was sent.")
+    revised_prompt: str = Field(
+        description="The prompt the model was given: normalised, and read in the model's own"
+        " words where it does that (the bundled model reads it as its nearest caption)."
+    )
+    warnings: list[str] = Field(description="Sentences for the user, e.g. words not understood.")
     size: str = Field(description="WIDTHxHEIGHT of the video.")
     seconds: str = Field(description="Duration: frames / fps.")
     error: VideoError | None = Field(description="Why the job failed, when it did.")
@@ -218,7 +223,9 @@ def job_view(job: Job, model: str, knobs: Knobs) -> VideoJob:
         created_at=int(job.created_at),
         completed_at=_int(job.finished_at),
         model=job.model or model,
-        prompt=job.prompt,
+        prompt=job.original_prompt or job.prompt,
+        revised_prompt=job.prompt,
+        warnings=list(job.warnings),
         size=f"{width}x{height}",
         seconds=_seconds(frames, fps),
         error=VideoError(code="generation_failed", message=job.error or "") if failed else None,

@@ -44,7 +44,7 @@ API_STATUS = {
     "cancelled": "cancelled",
 }
 MAX_ATTEMPTS = 3
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
 
 
@@ -87,6 +87,12 @@ class JobRequest:
     height: int | None = None
     fps: float | None = None
     model: str | None = None
+    # Filled when the request was resolved (`t2v.model.Knobs.resolve`) before it was queued:
+    # the prompt as typed when ``prompt`` is the model's reading of it, the reading's
+    # warnings, and whether workers may skip normalising it again.
+    original_prompt: str | None = None
+    warnings: tuple[str, ...] = ()
+    resolved: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,7 @@ class SqlStore:
 
     def create(self, owner: str, req: JobRequest, idempotency_key: str | None) -> Job:
         fields = asdict(req)
+        fields["warnings"] = json.dumps(list(req.warnings))
         names = ", ".join(fields)
         try:
             with self._tx() as run:
@@ -442,7 +449,9 @@ class SqlStore:
 
 
 def _job(row) -> Job:
-    return Job(**{k: row[k] for k in _JOB_COLUMNS})
+    job = {k: row[k] for k in _JOB_COLUMNS}
+    job["warnings"], job["resolved"] = tuple(json.loads(job["warnings"])), bool(job["resolved"])
+    return Job(**job)
 
 
 def too_new(found: int, where: str) -> UserError:

@@ -83,6 +83,11 @@ CREATE INDEX rate_events_owner ON rate_events (owner, at);
 CREATE TABLE workers (id TEXT PRIMARY KEY, model TEXT NOT NULL, info TEXT NOT NULL,
     seen_at DOUBLE PRECISION NOT NULL);
 """,
+    3: """
+ALTER TABLE jobs ADD COLUMN original_prompt TEXT;
+ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE jobs ADD COLUMN resolved BOOLEAN NOT NULL DEFAULT false;
+""",
 }
 
 

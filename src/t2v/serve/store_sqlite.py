@@ -62,6 +62,11 @@ CREATE INDEX rate_events_owner ON rate_events (owner, at);
 CREATE TABLE workers (id TEXT PRIMARY KEY, model TEXT NOT NULL, info TEXT NOT NULL,
     seen_at REAL NOT NULL);
 """,
+    3: """
+ALTER TABLE jobs ADD COLUMN original_prompt TEXT;
+ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE jobs ADD COLUMN resolved INTEGER NOT NULL DEFAULT 0;
+""",
 }
 # SQLite's clock in seconds since the epoch, with milliseconds (unixepoch() has none).
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"

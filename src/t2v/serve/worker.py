@@ -184,10 +184,11 @@ class Worker:
 
 
 def _generate(model: VideoModel, job: Job, progress, cancelled):
-    """One video for `job` through the model protocol."""
+    """One video for `job` through the model protocol. A job the API node resolved keeps its
+    reading and is not normalised again (`GenerationRequest.resolved`)."""
     request = GenerationRequest(
         job.prompt,
-        job.negative_prompt,
+        job.negative_prompt or "",  # resolved: "" is none (t2v.text.normalize_negative)
         job.seed,
         job.steps,
         job.guidance,
@@ -195,6 +196,9 @@ def _generate(model: VideoModel, job: Job, progress, cancelled):
         job.width,
         job.height,
         job.fps,
+        original_prompt=job.original_prompt,
+        warnings=job.warnings,
+        resolved=job.resolved,
     )
     return model.generate([model.resolve(request)], progress=progress, cancelled=cancelled)[0]
 
