@@ -46,10 +46,14 @@ class VideoError(UserError):
         self.reason = reason
 
 
+# What a caller that names no rate or size gets; a model's own values come from its Knobs.
+DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_SIZE = 8.0, 16, 64
+
+
 @dataclass
 class Video:
     frames: np.ndarray  # uint8 (T, H, W, 3)
-    fps: float = 8.0
+    fps: float = DEFAULT_FPS
 
     def save(self, path, format: str | None = None) -> Path:
         return write_video(self.frames, path, self.fps, format)
@@ -90,7 +94,9 @@ def _check_frames(frames) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def write_video(frames: np.ndarray, path, fps: float = 8.0, format: str | None = None) -> Path:
+def write_video(
+    frames: np.ndarray, path, fps: float = DEFAULT_FPS, format: str | None = None
+) -> Path:
     """Write uint8 (T, H, W, 3) frames; the file appears under ``path`` only once complete.
 
     Follows t2v.outputs: a video file replaces only a video file, PNG frames replace only a
@@ -184,10 +190,10 @@ def _palettize(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def read_video(
     path,
-    num_frames: int = 16,
-    fps: float = 8.0,
+    num_frames: int = DEFAULT_FRAMES,
+    fps: float = DEFAULT_FPS,
     start: float = 0.0,
-    size: int | tuple[int, int] = 64,
+    size: int | tuple[int, int] = DEFAULT_SIZE,
 ) -> np.ndarray:
     """``num_frames`` frames at ``fps`` from ``start`` seconds, as uint8 (T, H, W, 3).
 
