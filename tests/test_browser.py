@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
 from servers import Server
+from t2v.pipeline_config import DEFAULT_MODEL_DIR
+from t2v.rewrite import VOCABULARY_FILE
 from t2v.serve.auth import KeyStore
 from t2v.serve.store_sqlite import SqliteStore
 
@@ -119,3 +122,26 @@ def test_the_page_asks_for_a_key_when_auth_is_on(tmp_path, tiny_model_dir, brows
         assert page.get_by_role("link", name="Download GIF").is_visible()
         assert not page.locator("#key-form").is_visible()
         assert [p for p in problems if "401" not in p] == []  # the first, keyless, request
+
+
+def test_the_page_shows_how_the_model_read_the_prompt(tmp_path, tiny_model_dir, browser):
+    """A prompt in free words: the page says what the model read it as, and its warning."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    model = shutil.copytree(tiny_model_dir, tmp_path / "tiny-reading")
+    shutil.copy(DEFAULT_MODEL_DIR / VOCABULARY_FILE, model / VOCABULARY_FILE)  # the rewriter's
+    with Server(tmp_path / "data", model) as server:
+        page, problems = open_page(browser, server.url)
+        page.get_by_label("Prompt", exact=True).fill("a crimson giraffe circle moving right")
+        page.get_by_role("button", name="Generate").click()
+        page.locator("#reading", has_text="Read as: a red circle moving right").wait_for()
+        assert "'giraffe'" in page.locator("#warnings li").first.inner_text()
+        page.wait_for_function(VIDEO_PLAYS, timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "serve-reading.png", full_page=True)
+        history = page.locator("#history li").first
+        assert "a crimson giraffe circle moving right" in history.inner_text()  # as typed
+        page.get_by_label("Prompt", exact=True).fill("a red circle moving right")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function(VIDEO_PLAYS, timeout=60_000)
+        assert not page.locator("#reading").is_visible()  # read as typed: nothing to say
+        assert not page.locator("#warnings").is_visible()
+        assert problems == []

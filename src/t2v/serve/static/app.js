@@ -97,8 +97,23 @@ function describe(job) {
   }
 }
 
+// How the model read the prompt, when it read it differently, and what it said about it.
+function showReading(job) {
+  const revised = job.revised_prompt && job.revised_prompt !== job.prompt;
+  $("reading").hidden = !revised;
+  $("reading").textContent = revised ? `Read as: ${job.revised_prompt}` : "";
+  const warnings = job.warnings || [];
+  $("warnings").hidden = warnings.length === 0;
+  $("warnings").replaceChildren(...warnings.map((text) => {
+    const item = document.createElement("li");
+    item.textContent = text;
+    return item;
+  }));
+}
+
 function showStatus(job) {
   $("job").hidden = false;
+  showReading(job);
   $("status").textContent = describe(job);
   $("status").classList.toggle("error", job.status === "failed");
   $("progress").value = job.progress;  // 0 to 100
@@ -107,6 +122,7 @@ function showStatus(job) {
 
 function showError(message) {
   $("job").hidden = false;
+  showReading({});
   $("status").textContent = message;
   $("status").classList.add("error");
 }
