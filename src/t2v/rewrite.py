@@ -41,7 +41,9 @@ FUNCTION_WORDS = frozenset(
     rather really just also too somewhat slightly fairly pretty all some any each one another
     other same such only own we you they he she i me my our your their his her them us
     can could will would shall should may might must let lets let's show shows showing shown
-    see seen watch video clip animation scene frame frames image picture across over
+    depict depicts depicting feature features featuring display displays displaying contain
+    contains containing see seen watch video clip animation scene frame frames image picture
+    across over
     through along around toward towards against within about above below between behind
     beside near next way while whilst who's gets get getting keeps keep keeping being
     itself slowly quickly steadily gently smoothly continuously constantly black background
