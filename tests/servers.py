@@ -48,7 +48,9 @@ class Server:
     """`t2v serve` on a free loopback port, ready when started; stopped (SIGINT, then
     SIGKILL) on exit. Its log is kept in `log` for failure messages."""
 
-    def __init__(self, data_dir: Path, model_dir: Path, *options: str, step_delay: float = 0.0):
+    def __init__(
+        self, data_dir: Path, model_dir: Path | None, *options: str, step_delay: float = 0.0
+    ):
         self.args = [
             sys.executable,
             "-c",
@@ -59,8 +61,7 @@ class Server:
             "0",
             "--data-dir",
             str(data_dir),
-            "--model",
-            str(model_dir),
+            *(["--model", str(model_dir)] if model_dir is not None else []),  # None: --workers 0
             "--device",
             "cpu",
             *options,

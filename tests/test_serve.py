@@ -233,7 +233,7 @@ def test_events_stream_progress_then_done(serve):
         ({"prompt": "a", "seconds": 1e300}, "seconds"),
         ({"prompt": "a", "seconds": "1", "frames": 9}, "not both"),
         ({"prompt": "a", "size": "32x32", "width": 48}, "not both"),
-        ({"prompt": "a", "model": "sora-2"}, "serves the model 'held'"),
+        ({"prompt": "a", "model": "sora-2"}, "the models served are 'held'."),
         ({"prompt": "a", "fps": 0}, "fps"),
         ({"prompt": "a", "input_reference": "x"}, "Unknown field 'input_reference'"),
     ],

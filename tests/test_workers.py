@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from fake_model import FakeModel, launch_args
 from pg import postgres  # noqa: F401 - the session fixture
 from servers import Server, _die_with_parent
+from t2v.model import FloatRange, IntRange, Knobs
 from t2v.pipeline_config import DEFAULT_MODEL_DIR
 from t2v.serve.app import ServeConfig, create_app
 from t2v.serve.auth import KeyStore
@@ -27,7 +28,7 @@ from t2v.serve.queue import JobQueue
 from t2v.serve.store import FINISHED, JobError, JobRequest, StoreUnavailable
 from t2v.serve.store_pg import PgStore
 from t2v.serve.store_sqlite import SqliteStore
-from t2v.serve.worker import LIVE_S, card_knobs
+from t2v.serve.worker import LIVE_S, Worker, card_knobs
 
 
 def wait_until(condition, timeout=20.0, every=0.01):
@@ -239,6 +240,96 @@ def test_a_job_for_a_model_no_worker_serves_is_refused(make_store, start_queue):
     assert (live.id, live.workers, card_knobs(live.info)) == ("shapes", 1, FakeModel.knobs)
 
 
+class WanLike(FakeModel):
+    """A worker's model whose knobs differ from the bundled model's (frames 4k+1, 16 fps)."""
+
+    knobs = Knobs(
+        steps=IntRange(4, 1, 50),
+        guidance=FloatRange(5.0, 0.0, 20.0),
+        frames=IntRange(9, 5, 33, multiple=4, offset=1),
+        width=IntRange(32, 16, 64, multiple=16),
+        height=IntRange(32, 16, 64, multiple=16),
+        fps=FloatRange(16.0, 1.0, 60.0),
+    )
+
+
+@pytest.fixture
+def api_node(make_store, tmp_path):
+    """api_node(**config) -> a TestClient on `t2v serve` for the store `make_store` made."""
+    clients = []
+
+    def start(model=None, **config):
+        make_store()  # creates the database when it is PostgreSQL's
+        db = getattr(make_store, "url", None)
+        app = create_app(ServeConfig(data_dir=tmp_path / "data", db=db, **config), model)
+        clients.append(TestClient(app, base_url="http://127.0.0.1:8000").__enter__())
+        return clients[-1]
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_an_api_node_checks_requests_against_the_knobs_of_live_workers(
+    make_store, start_queue, api_node
+):
+    """A `--workers 0` node loads no model: GET /v1/models lists what live workers serve,
+    each request is checked against its model's knobs, and a job naming none goes to the
+    only model served (or --default-model); several served and none named is a 422."""
+    wan = start_queue(make_store(), WanLike("wan-like"))
+    node = api_node(workers=0)
+    wait_until(lambda: [m.id for m in wan.live_models()] == ["wan-like"])
+    assert node.get("/readyz").status_code == 200
+    (card,) = node.get("/v1/models").json()["data"]
+    assert (card["id"], card["ready"], card["knobs"]["fps"]["default"]) == ("wan-like", True, 16.0)
+    assert node.get("/v1/models/wan-like").json() == card
+    # 17 frames is not the bundled model's (16 only), but is the worker's model's 4k+1
+    r = node.post("/v1/videos", json={"prompt": "a red circle", "frames": 17, "steps": 2})
+    assert r.status_code == 202, r.text
+    assert (r.json()["model"], r.json()["frames"], r.json()["fps"]) == ("wan-like", 17, 16.0)
+    wait_until(lambda: wan.store.status(r.json()["id"]) == "succeeded")
+    r = node.post("/v1/videos", json={"prompt": "a red circle", "frames": 16})
+    assert r.status_code == 422 and "nearest are 13 or 17" in r.json()["error"]["message"]
+    r = node.post("/v1/videos", json={"prompt": "a red circle", "model": "t2v-moving-shapes"})
+    assert r.status_code == 422 and "'wan-like'" in r.json()["error"]["message"]
+
+    shapes = Worker(make_store(), FakeModel("shapes"), name="shapes")  # a process elsewhere
+    shapes.heartbeat()
+    assert [m["id"] for m in node.get("/v1/models").json()["data"]] == ["shapes", "wan-like"]
+    r = node.post("/v1/videos", json={"prompt": "a red circle"})
+    assert r.status_code == 422 and "Name the model" in r.json()["error"]["message"]
+    r = node.post("/v1/videos", json={"prompt": "a red circle", "model": "shapes", "steps": 2})
+    assert r.status_code == 202 and r.json()["frames"] == FakeModel.knobs.frames.default
+    assert shapes.run_one() and shapes.store.status(r.json()["id"]) == "succeeded"
+    other = api_node(workers=0, default_model="wan-like")
+    assert other.get("/v1/models").json()["data"][0]["id"] == "wan-like"  # the page's model
+    r = other.post("/v1/videos", json={"prompt": "a red circle", "steps": 2})
+    assert r.status_code == 202 and r.json()["model"] == "wan-like"
+    wait_until(lambda: wan.store.status(r.json()["id"]) == "succeeded")
+
+    wan.stop(10)
+    shapes.store.forget_worker(shapes.name)  # the workers said goodbye: nothing is served
+    assert node.get("/v1/models").json()["data"] == []
+    r = node.post("/v1/videos", json={"prompt": "a red circle"})
+    assert r.status_code == 422 and "No worker serves a model" in r.json()["error"]["message"]
+
+
+def test_a_node_takes_jobs_for_a_model_that_other_workers_serve(make_store, api_node):
+    """A node with its own model also queues jobs for the models of live workers elsewhere,
+    checked against their knobs; a job naming no model is its own."""
+    node = api_node(model=FakeModel("own", step_s=0.001))
+    wait_until(lambda: node.get("/readyz").status_code == 200)
+    elsewhere = Worker(make_store(), WanLike("wan-like"), name="elsewhere")
+    elsewhere.heartbeat()
+    ids = [m["id"] for m in node.get("/v1/models").json()["data"]]
+    assert ids[0] == "own" and "wan-like" in ids
+    r = node.post("/v1/videos", json={"prompt": "a red circle", "model": "wan-like", "frames": 17})
+    assert r.status_code == 202, r.text
+    assert elsewhere.run_one() and elsewhere.store.status(r.json()["id"]) == "succeeded"
+    r = node.post("/v1/videos", json={"prompt": "a red circle", "steps": 2})
+    assert r.status_code == 202 and r.json()["model"] == "own"
+
+
 def test_one_idempotency_key_sent_to_two_nodes_at_once_makes_one_job(make_store):
     nodes = [JobQueue(make_store(), FakeModel, workers=0) for _ in range(2)]
     for attempt in range(10):  # racing the check against the insert, ten times
@@ -270,7 +361,7 @@ def test_workers_share_the_queue_and_each_job_runs_once(make_store, start_queue)
 # --- two API nodes and three `t2v worker` processes on one PostgreSQL ------------------------
 
 LEASE_S = 3.0
-MODEL = "t2v-moving-shapes"  # the bundled model's id: the API nodes check requests against it
+MODEL = "t2v-moving-shapes"  # the workers' model, with the bundled model's knobs
 
 
 class Cluster:
@@ -285,8 +376,7 @@ class Cluster:
         self.workers: list[subprocess.Popen] = []
         options = ("--auth", "--rate-limit", "0", "--queue-size", "1000")
         self.nodes = [
-            Server(self.data, DEFAULT_MODEL_DIR, "--db", url, "--workers", "0", *options)
-            for _ in range(2)
+            Server(self.data, None, "--db", url, "--workers", "0", *options) for _ in range(2)
         ]
 
     def __enter__(self) -> Cluster:

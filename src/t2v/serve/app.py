@@ -58,6 +58,7 @@ class ServeConfig:
     drain_timeout: float = 30.0
     db: str | None = None  # postgresql://... shared by nodes and workers; None: SQLite
     workers: int = 1  # jobs run at once in this process; 0: the API only
+    default_model: str | None = None  # a job naming none: this; else see routes.Served
 
 
 def _methods(scope) -> list[str]:
@@ -149,6 +150,7 @@ def create_app(config: ServeConfig, model: VideoModel | None = None, on_fatal=la
         queue_size=config.queue_size,
         on_fatal=on_fatal,
         workers=config.workers,
+        model_id=info.id,
     )
 
     @asynccontextmanager
@@ -168,15 +170,18 @@ def create_app(config: ServeConfig, model: VideoModel | None = None, on_fatal=la
         redoc_url=None,  # ReDoc loads its script and fonts from a CDN
     )
     app.state.config, app.state.queue, app.state.keys = config, queue, keys
-    app.state.served = Served(knobs, info, time.time(), queue)
+    app.state.served = Served(
+        knobs, info, time.time(), queue, own=config.workers > 0, default=config.default_model
+    )
     generated_openapi = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:  # generated once, then kept by FastAPI
             schema = copy.deepcopy(generated_openapi())  # the routes' parts are shared
             post = schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
-            for content in post.values():
-                state_knobs(content["schema"], knobs)
+            for content in post.values():  # a node without a model: GET /v1/models says
+                if config.workers > 0:
+                    state_knobs(content["schema"], knobs)
             app.openapi_schema = schema
         return app.openapi_schema
 

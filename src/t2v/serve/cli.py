@@ -51,7 +51,16 @@ def register_cli(subparsers) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="model directory (default: the model bundled with t2v)",
+        help="model directory that this node's workers run (default: the model bundled with "
+        "t2v); not with --workers 0, whose models are those `t2v worker` processes serve",
+    )
+    serve.add_argument(
+        "--default-model",
+        default=None,
+        metavar="ID",
+        help="the model a job that names none runs on (default: --model; with --workers 0, "
+        "the only model that live `t2v worker` processes serve, and a job must name one "
+        "when they serve several)",
     )
     serve.add_argument(
         "--device",
@@ -229,6 +238,11 @@ def _serve(args: argparse.Namespace) -> None:
             "--workers must be at least 1, or 0 with a shared --db postgresql://... that"
             " `t2v worker` processes serve."
         )
+    if args.workers == 0 and args.model is not None:
+        raise UserError(
+            "--model is the model this node's workers run; with --workers 0 the models are"
+            " those `t2v worker --model` processes serve (name the default with --default-model)."
+        )
     if args.queue_size < 1 or args.rate_limit < 0 or args.drain_timeout < 0:
         raise UserError(
             "--queue-size must be at least 1, --rate-limit and --drain-timeout at least 0."
@@ -261,6 +275,7 @@ def _serve(args: argparse.Namespace) -> None:
             drain_timeout=args.drain_timeout,
             db=args.db,
             workers=args.workers,
+            default_model=args.default_model,
         )
     )
 

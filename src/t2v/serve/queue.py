@@ -44,7 +44,16 @@ from t2v.serve.store import (
 from t2v.serve.worker import HEARTBEAT_S, LIVE_S, Worker
 from t2v.text import PromptError, normalize, normalize_negative
 
-__all__ = ["FINISHED", "MAX_ATTEMPTS", "Job", "JobError", "JobQueue", "JobRequest", "Worker"]
+__all__ = [
+    "FINISHED",
+    "MAX_ATTEMPTS",
+    "Job",
+    "JobError",
+    "JobQueue",
+    "JobRequest",
+    "Worker",
+    "not_served",
+]
 
 log = logging.getLogger("t2v.serve")
 
@@ -106,10 +115,12 @@ class JobQueue:
         on_fatal: Callable[[], None] = lambda: None,
         workers: int = 1,
         lease_s: float = 60.0,
+        model_id: str | None = None,
     ):
         self.store, self.changes = store, Changes()
         self._load, self._blocked_term, self._rate_limit = load_model, blocked_term, rate_limit
         self.queue_size, self.on_fatal, self.lease_s = queue_size, on_fatal, lease_s
+        self.model_id = model_id  # the id of the model `load_model` loads, known before it does
         self._lock = threading.Lock()  # admission: idempotency check, bound and insert as one
         self._wake = threading.Event()
         self._draining, self._stop = threading.Event(), threading.Event()
@@ -192,17 +203,14 @@ class JobQueue:
         return self.store.live_models(LIVE_S)
 
     def _check_model(self, model: str | None) -> None:
-        """A job that names a model goes only to workers serving it: refuse one none serves.
-        A job that names none goes to any worker (a deployment of one model needs no name)."""
-        if model is None or (self._threads and not self._loaded.is_set()):
-            return  # this process's own workers are still loading the model it serves
+        """A job that names a model goes only to workers serving it: refuse one none serves
+        (this process's own workers serve `model_id` even while they load it). A job that
+        names none goes to any worker."""
+        if model is None or (self._threads and model == self.model_id):
+            return
         served = [m.id for m in self.live_models()]
         if model not in served:
-            names = ", ".join(f"'{m}'" for m in served) or "none right now"
-            raise JobError(
-                422,
-                f"No worker serves the model '{model[:60]}'; the models served are {names}.",
-            )
+            raise not_served(model, served)
 
     def get(self, job_id: str, owner: str) -> Job:
         job = self.store.get(job_id, owner)
@@ -333,6 +341,18 @@ class JobQueue:
         job = self.store.running()
         eta = job.eta_seconds(time.time()) if job else None
         return max(1, math.ceil(eta)) if eta is not None else 5
+
+
+def not_served(model: str | None, served: list[str]) -> JobError:
+    """The 422 for a job whose model no worker serves (None: a job that names none)."""
+    if model is None:
+        return JobError(
+            422, "No worker serves a model right now; start a `t2v worker`, or retry in a minute."
+        )
+    names = ", ".join(f"'{m}'" for m in served) or "none right now"
+    return JobError(
+        422, f"No worker serves the model '{model[:60]}'; the models served are {names}."
+    )
 
 
 def _checked(req: JobRequest, blocked_term: Callable[[str], str | None]) -> JobRequest:

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from t2v.errors import UserError
 from t2v.model import GenerationRequest, IntRange, Knobs, ModelInfo, VideoModel
-from t2v.serve.queue import FINISHED, Job, JobError, JobQueue, JobRequest
+from t2v.serve.queue import FINISHED, Job, JobError, JobQueue, JobRequest, not_served
 from t2v.serve.schemas import (
     VIDEO_FORMATS,
     Health,
@@ -40,6 +40,7 @@ from t2v.serve.schemas import (
     job_view,
     model_card,
 )
+from t2v.serve.worker import card_knobs
 
 STATIC = Path(__file__).with_name("static")
 PAGE_CSP = (
@@ -53,13 +54,18 @@ _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 @dataclass
 class Served:
-    """The model this server runs: its knobs, read from its files before the weights load
-    (so requests are checked, and the page built, while it loads), and then the model."""
+    """The models this node takes jobs for: its own (`t2v serve --model`, which its worker
+    threads run; its knobs are read from its files before the weights load, so requests are
+    checked, and the page built, while it loads), and those that live `t2v worker`
+    processes sharing its store serve (their knobs from the workers' heartbeats). A node
+    with `--workers 0` has no model of its own."""
 
-    knobs: Knobs
+    knobs: Knobs  # the own model's; on a node without one, only to show jobs of old schemas
     info: ModelInfo  # until the model is loaded: its id as the folder gives it
     created: float
     queue: JobQueue
+    own: bool = True  # False: `--workers 0`, this node runs no model
+    default: str | None = None  # `--default-model`: the model of a job that names none
 
     @property
     def model(self) -> VideoModel | None:
@@ -70,9 +76,58 @@ class Served:
     def id(self) -> str:
         return self.model.info.id if self.model is not None else self.info.id
 
-    def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """The model's own check once loaded (it may know more, e.g. its vocabulary)."""
-        return (self.model or self.knobs).resolve(request)
+    def live(self) -> dict[str, tuple[ModelInfo, Knobs]]:
+        """The models that live workers serve and whose knobs they stated, by id."""
+        found = {}
+        for m in self.queue.live_models():
+            if (knobs := card_knobs(m.info)) is not None:
+                info = ModelInfo(
+                    id=m.id,
+                    kind=m.info.get("kind", ""),
+                    description=m.info.get("description", ""),
+                    tested=m.info.get("tested", True),
+                )
+                found[m.id] = (info, knobs)
+        return found
+
+    def default_id(self, live: dict) -> str:
+        """The model of a job that names none: `--default-model`, else this node's own, else
+        the only model that live workers serve."""
+        if self.default is not None:
+            return self.default
+        if self.own:
+            return self.id
+        if len(live) == 1:
+            return next(iter(live))
+        if not live:
+            raise not_served(None, [])
+        names = ", ".join(f"'{m}'" for m in live)
+        raise UserError(f"Name the model: the workers serve {names} (GET /v1/models lists them).")
+
+    def checker(self, model_id: str, live: dict) -> VideoModel | Knobs:
+        """What checks a request for `model_id`: this node's model once loaded (it may know
+        more, e.g. its vocabulary) or its knobs, else a live worker's knobs."""
+        if self.own and model_id == self.id:
+            return self.model or self.knobs
+        if model_id in live:
+            return live[model_id][1]
+        raise not_served(model_id, sorted({*live, *([self.id] if self.own else [])}))
+
+    def cards(self) -> list[ModelCard]:
+        """GET /v1/models: the default model first (the page builds its form from it)."""
+        live = self.live()
+        cards = {}
+        if self.own:
+            info = self.model.info if self.model is not None else self.info
+            ready = self.queue.state == "ready"
+            cards[info.id] = model_card(info, self.knobs, ready, self.created)
+        for model_id, (info, knobs) in live.items():
+            cards.setdefault(model_id, model_card(info, knobs, True, self.created))
+        try:
+            first = self.default_id(live)
+        except (UserError, JobError):  # none served, or several and no default
+            first = None
+        return sorted(cards.values(), key=lambda card: card.id != first)
 
 
 _bearer = HTTPBearer(
@@ -169,25 +224,22 @@ def readyz(queue: Queue):
 
 
 @site.get("/v1/models", response_model=ModelList, responses=errors(401), tags=["models"])
-def list_models(served: Model, queue: Queue, owner: Owner):
-    """The served model, its knobs with their defaults and limits (the page builds its form
-    from them), and whether it is loaded."""
-    return ModelList(data=[_card(served, queue)])
+def list_models(served: Model, owner: Owner):
+    """The models jobs can name: this node's own and those that live `t2v worker` processes
+    serve, the default first; each with its knobs, their defaults and limits (the page
+    builds its form from them), and whether it is ready to run jobs."""
+    return ModelList(data=served.cards())
 
 
 @site.get(
     "/v1/models/{model_id}", response_model=ModelCard, responses=errors(401, 404), tags=["models"]
 )
-def get_model(model_id: str, served: Model, queue: Queue, owner: Owner):
+def get_model(model_id: str, served: Model, owner: Owner):
     """One model by id, as OpenAI's `models.retrieve` asks for it."""
-    if model_id != served.id:
-        raise JobError(404, f"No model has the id '{model_id[:100]}'; GET /v1/models lists it.")
-    return _card(served, queue)
-
-
-def _card(served: Served, queue: JobQueue) -> ModelCard:
-    info = served.model.info if served.model is not None else served.info
-    return model_card(info, served.knobs, queue.state == "ready", served.created)
+    for card in served.cards():
+        if card.id == model_id:
+            return card
+    raise JobError(404, f"No model has the id '{model_id[:100]}'; GET /v1/models lists them.")
 
 
 # --- videos ------------------------------------------------------------------------------------
@@ -244,12 +296,13 @@ def _frames_for(seconds: float, fps: float, frames: IntRange) -> int:
 
 
 def _job_request(body: VideoCreate, served: Served) -> JobRequest:
-    """The request in t2v's knobs, checked and with every default filled in by the model."""
-    if body.model is not None and body.model != served.id:
-        raise UserError(
-            f"This server serves the model '{served.id}', not '{body.model[:100]}';"
-            " ask for it, or leave model out."
-        )
+    """The request in t2v's knobs, checked and with every default filled in by the model it
+    names (or the default model)."""
+    wanted = body.model if body.model is not None else served.default
+    live = {} if served.own and wanted in (None, served.id) else served.live()
+    model_id = wanted if wanted is not None else served.default_id(live)
+    checker = served.checker(model_id, live)
+    limits = checker.knobs if hasattr(checker, "knobs") else checker
     width, height = body.width, body.height
     if body.size is not None:
         size = tuple(int(n) for n in body.size.split("x"))
@@ -260,9 +313,9 @@ def _job_request(body: VideoCreate, served: Served) -> JobRequest:
     if body.seconds is not None:
         if frames is not None:
             raise UserError("Give seconds or frames, not both.")
-        fps = body.fps if body.fps is not None else served.knobs.fps.default
-        frames = _frames_for(float(body.seconds), fps, served.knobs.frames)
-    knobs = served.resolve(
+        fps = body.fps if body.fps is not None else limits.fps.default
+        frames = _frames_for(float(body.seconds), fps, limits.frames)
+    knobs = checker.resolve(
         GenerationRequest(
             body.prompt,
             body.negative_prompt,
@@ -286,7 +339,7 @@ def _job_request(body: VideoCreate, served: Served) -> JobRequest:
         width=knobs.width,
         height=knobs.height,
         fps=knobs.fps,
-        model=served.id,  # only workers serving this model take the job
+        model=model_id,  # only workers serving this model take the job
         original_prompt=knobs.original_prompt,
         warnings=knobs.warnings,
         resolved=knobs.resolved,
