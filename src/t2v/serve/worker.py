@@ -50,7 +50,11 @@ def model_card(model) -> dict:
     """What a worker tells the store of its model: `GET /v1/models` shows it, and an API node
     that loads no model checks requests against its `knobs` (`card_knobs`)."""
     info = getattr(model, "info", None)
-    card = {"id": info.id, "kind": info.kind, "description": info.description} if info else {}
+    card = (
+        {"id": info.id, "kind": info.kind, "description": info.description, "tested": info.tested}
+        if info
+        else {}
+    )
     knobs = getattr(model, "knobs", None)
     if isinstance(knobs, Knobs):
         card["knobs"] = dataclasses.asdict(knobs)

@@ -15,6 +15,7 @@ let current = null;        // the job shown in the "Current video" section
 let following = null;      // AbortController of the events stream being read
 let resultUrl = null;      // object URL of the video shown, revoked when replaced
 let historyAfter = null;   // last_id of the history list, while it has more
+let modelId = null;        // the model the form was built for: the server's default
 
 class ApiError extends Error {}
 
@@ -69,11 +70,17 @@ function showKnobs(model) {
 
 async function loadModel() {
   const { data } = await (await api("/v1/models")).json();
+  if (data.length === 0) {  // an API node whose workers are not running (yet)
+    $("model").textContent = "No model is being served right now; try again in a minute.";
+    return;
+  }
+  modelId = data[0].id;
   showKnobs(data[0]);
 }
 
 function readOptions() {
   const body = { prompt: $("prompt").value, format: $("format").value };
+  if (modelId) body.model = modelId;  // the knobs below are this model's
   const negative = $("negative_prompt").value.trim();
   if (negative && !$("negative-row").hidden) body.negative_prompt = negative;
   for (const name of KNOBS) {
