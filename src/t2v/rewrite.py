@@ -241,7 +241,7 @@ class Rewriter:
             names = ", ".join(f"'{w}'" for w in unknown)
             warnings = (
                 f"This model does not know {names} (it knows coloured shapes, their size and "
-                "motion), so the video may not show it.",
+                f"motion), so the video may not show {'it' if len(unknown) == 1 else 'them'}.",
             )
         return Reading(text, prompt, tuple(unknown), warnings)
 
