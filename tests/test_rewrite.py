@@ -169,6 +169,12 @@ def test_unknown_words_are_named_and_the_prompt_still_generates(rewriter):
     assert reading.prompt == "a red moving left"  # the unknown word left out
 
 
+def test_the_warning_stays_short_and_reads_any_script(rewriter):
+    reading = rewriter.rewrite("a " + "x" * 400 + " " + " ".join(f"w{c}q" for c in "abcdefghij"))
+    assert len(reading.warnings[0]) < 300 and "and 3 more words" in reading.warnings[0]
+    assert rewriter.rewrite("un cercle écarlate").unknown == ("un", "cercle", "écarlate")
+
+
 def test_resolve_returns_the_reading_and_the_original(tiny_model_dir, tmp_path):
     from t2v.backends import load_model
     from t2v.model import GenerationRequest

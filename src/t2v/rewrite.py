@@ -59,7 +59,7 @@ _DETACH = (
     ("ing", "e"), ("ing", ""), ("er", ""), ("est", ""), ("er", "e"), ("est", "e"),
     ("ly", ""), ("ward", ""), ("wards", ""), ("wardly", ""),
 )  # fmt: skip
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")  # letters of any script
 
 
 def words_of(text: str) -> list[str]:
@@ -238,7 +238,9 @@ class Rewriter:
         unknown = list(dict.fromkeys(unknown))
         warnings = ()
         if unknown:
-            names = ", ".join(f"'{w}'" for w in unknown)
+            names = ", ".join(f"'{w[:30]}'" for w in unknown[:8])
+            if len(unknown) > 8:
+                names += f" and {len(unknown) - 8} more words"
             warnings = (
                 f"This model does not know {names} (it knows coloured shapes, their size and "
                 f"motion), so the video may not show {'it' if len(unknown) == 1 else 'them'}.",
