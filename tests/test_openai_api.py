@@ -103,6 +103,12 @@ def test_seconds_map_to_the_frames_a_diffusers_model_takes(tmp_path, tiny_diffus
             client.videos.create(prompt="a dog", size="40x32")
         with pytest.raises(openai.UnprocessableEntityError, match="blocked term"):
             client.videos.create(prompt="a c s a m dog", size="48x32")
+        # the model's default size, 832x480 (Wan's), works: the tiny folder's positions reach it
+        video = client.videos.create_and_poll(
+            prompt="a dog", seconds="0.3", poll_interval_ms=50, extra_body={"steps": 1}
+        )
+        assert video.status == "completed" and video.size == "832x480", video.error
+        assert frames_of(client.videos.download_content(video.id).read()) == (5, 480, 832)
         keyless = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             keyless.videos.retrieve(video.id)

@@ -80,7 +80,7 @@ def _wan(tokenizer, text_encoder):
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        rope_max_seq_len=1024,  # as the released Wan 2.1 configs: 832x480 needs 52 positions
     )
     return WanPipeline(
         tokenizer=tokenizer,
