@@ -6,11 +6,13 @@
    no value ("moving", "diagonally"), and the canonical caption form.
 2. ``src/t2v/lexicon.json``: English words that WordNet relates to those caption words
    (synonyms, similar-to adjectives, hyponyms, derivations, pertainyms; hypernyms for the
-   generic "a shape" words), each with the label it reaches first, and the irregular forms
-   of those words. Users need no WordNet at run time.
+   generic "a shape" words), each with the label it reaches first, X11's colour names read
+   as the caption colour nearest in hue, and the irregular forms of those words. Users need
+   no WordNet at run time. The settings were chosen on the DEV set (tools/dev_paraphrases.py).
 
-Needs Debian's WordNet database at build time only (``apt-get install -y wordnet-base``,
-files in /usr/share/wordnet); nothing is downloaded.
+Needs Debian's WordNet database and X11's colour names at build time only
+(``apt-get install -y wordnet-base x11-common``: /usr/share/wordnet, /usr/share/X11/rgb.txt);
+nothing is downloaded.
 
     .venv/bin/python tools/build_lexicon.py            # both tables, for the bundled model
 """
