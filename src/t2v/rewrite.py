@@ -11,8 +11,9 @@ the form of a training caption.
   patterns of the training captions and the canonical form (tools/build_lexicon.py derives
   it from the caption grammar).
 - ``lexicon.json`` beside this module: English words that WordNet relates to those words
-  ("crimson" -> color:red, "descend" -> direction:down, "figure" -> an object of any shape),
-  distilled once from WordNet 3.0 by tools/build_lexicon.py, so no WordNet is needed here.
+  ("crimson" -> color:red, "descend" -> direction:down, "figure" -> an object of any shape)
+  and X11's colour names by hue ("deep sky blue" -> color:cyan), distilled from WordNet 3.0
+  and rgb.txt by tools/build_lexicon.py, so neither is needed here.
 
 A word that neither table places, nor a function word, is reported: the model draws the
 rest of the prompt and the caller shows the warning.
@@ -30,7 +31,6 @@ from t2v.models.text_encoders import split_objects
 
 VOCABULARY_FILE = "vocabulary.json"
 LEXICON_PATH = Path(__file__).parent / "lexicon.json"
-ATTRIBUTES = ("size", "color", "shape", "direction")
 
 # Closed-class English words (articles, pronouns, prepositions, auxiliaries, conjunctions,
 # intensifiers, scene words for the frame): they carry no attribute, so none is reported.
@@ -43,17 +43,17 @@ FUNCTION_WORDS = frozenset(
     can could will would shall should may might must let lets let's show shows showing shown
     depict depicts depicting feature features featuring display displays displaying contain
     contains containing see seen watch video clip animation scene frame frames image picture
-    across over
-    through along around toward towards against within about above below between behind
-    beside near next way while whilst who's gets get getting keeps keep keeping being
-    itself slowly quickly steadily gently smoothly continuously constantly black background
+    across over through along around toward towards against within about above below between
+    behind beside near next way whilst who's gets get getting keeps keep keeping itself
+    slowly quickly steadily gently smoothly continuously constantly black background
     canvas screen dark empty plain solid filled""".split()
 )
 NEGATIONS = frozenset({"not", "no", "never", "without", "nothing", "isn't", "doesn't"})
 # Words that may open another object's noun phrase ("the" seldom does: "to the left").
 ARTICLES = frozenset({"a", "an", "one", "another"})
 
-# WordNet's rules of detachment (morphy): an inflected form, then the base form it may have.
+# WordNet's rules of detachment (morphy), then adverb endings ("leftwards", "upwardly"): an
+# inflected or derived form's ending, and what the base form ends in instead.
 _DETACH = (
     ("ies", "y"), ("es", "e"), ("es", ""), ("s", ""), ("ed", "e"), ("ed", ""),
     ("ing", "e"), ("ing", ""), ("er", ""), ("est", ""), ("er", "e"), ("est", "e"),
