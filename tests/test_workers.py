@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +21,7 @@ from fastapi.testclient import TestClient
 from fake_model import FakeModel, launch_args
 from pg import postgres  # noqa: F401 - the session fixture
 from servers import Server, _die_with_parent
-from t2v.model import FloatRange, IntRange, Knobs
+from t2v.model import FloatRange, GenerationRequest, IntRange, Knobs
 from t2v.pipeline_config import DEFAULT_MODEL_DIR
 from t2v.serve.app import ServeConfig, create_app
 from t2v.serve.auth import KeyStore
@@ -312,6 +313,35 @@ def test_an_api_node_checks_requests_against_the_knobs_of_live_workers(
     assert node.get("/v1/models").json()["data"] == []
     r = node.post("/v1/videos", json={"prompt": "a red circle"})
     assert r.status_code == 422 and "No worker serves a model" in r.json()["error"]["message"]
+
+
+class ReadingModel(FakeModel):
+    """Reads prompts in its own words, as the bundled model does (t2v.rewrite)."""
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        request = self.knobs.resolve(request)
+        if request.original_prompt is not None or "crimson" not in request.prompt:
+            return request
+        return replace(
+            request,
+            prompt=request.prompt.replace("crimson ", "red "),
+            original_prompt=request.prompt,
+            warnings=("Read 'crimson' as 'red'.",),
+        )
+
+
+def test_a_reading_made_by_the_worker_reaches_the_video_object(make_store, start_queue, api_node):
+    """A node that loads no model cannot read the prompt; the worker's model does, and the
+    video object then gives its reading (revised_prompt, warnings) and the prompt as sent."""
+    start_queue(make_store(), ReadingModel("reader"))
+    node = api_node(workers=0)
+    wait_until(lambda: node.get("/v1/models").json()["data"])
+    job = node.post("/v1/videos", json={"prompt": "a crimson circle", "steps": 2}).json()
+    assert job["revised_prompt"] == "a crimson circle" and job["warnings"] == []
+    url = f"/v1/videos/{job['id']}"
+    done = wait_until(lambda: (j := node.get(url).json())["status"] == "completed" and j)
+    assert (done["prompt"], done["revised_prompt"]) == ("a crimson circle", "a red circle")
+    assert done["warnings"] == ["Read 'crimson' as 'red'."]
 
 
 def test_a_node_takes_jobs_for_a_model_that_other_workers_serve(make_store, api_node):

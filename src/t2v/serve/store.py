@@ -308,6 +308,22 @@ class SqlStore:
             (step, total, step / total, job_id, worker),
         )
 
+    def set_reading(self, job_id: str, reading, worker: str) -> bool:
+        """Record how `worker`'s model read a running job's prompt (a resolved
+        `GenerationRequest`: its prompt, original_prompt and warnings), where the API node
+        that queued it could not (one that loads no model)."""
+        return self._update(
+            "UPDATE jobs SET prompt = ?, original_prompt = ?, warnings = ?"
+            " WHERE id = ? AND status = 'running' AND worker = ?",
+            (
+                reading.prompt,
+                reading.original_prompt,
+                json.dumps(list(reading.warnings)),
+                job_id,
+                worker,
+            ),
+        )
+
     def finish(
         self, job_id: str, status: str, error: str | None = None, worker: str = "local"
     ) -> bool:

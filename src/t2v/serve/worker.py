@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from t2v.errors import UserError
-from t2v.model import Cancelled, FloatRange, GenerationRequest, IntRange, Knobs, VideoModel
+from t2v.model import Cancelled, FloatRange, GenerationRequest, IntRange, Knobs
 from t2v.serve.store import Job, SqlStore, StoreUnavailable
 
 log = logging.getLogger("t2v.serve")
@@ -145,7 +145,14 @@ class Worker:
 
         path = self.store.video_path(job)
         try:
-            video = _generate(self.model, job, progress, cancelled)
+            request = self.model.resolve(_request(job))
+            if (request.prompt, request.original_prompt, request.warnings) != (
+                job.prompt,
+                job.original_prompt,
+                job.warnings,
+            ):  # read here, not by the API node: the video object shows the reading
+                self._record_reading(job, request)
+            video = self.model.generate([request], progress=progress, cancelled=cancelled)[0]
             video.save(path, format=job.format)  # the file appears only once complete
         except Cancelled:
             if failure is not None:
@@ -171,6 +178,12 @@ class Worker:
         if not self._finish(job, "succeeded") and self.store.status(job.id) != "succeeded":
             path.unlink(missing_ok=True)  # cancelled (or taken over) while it was encoded
 
+    def _record_reading(self, job: Job, request: GenerationRequest) -> None:
+        try:
+            self.store.set_reading(job.id, request, self.name)
+        except StoreUnavailable:  # only what the video object shows: generate anyway
+            log.warning("job %s: the store refused the prompt's reading", job.id)
+
     def _lost(self, job: Job) -> bool:
         """Whether the job was cancelled, or is no longer this worker's."""
         return self.store.holder(job.id) != ("running", self.name)
@@ -187,10 +200,10 @@ class Worker:
                     return False
 
 
-def _generate(model: VideoModel, job: Job, progress, cancelled):
-    """One video for `job` through the model protocol. A job the API node resolved keeps its
-    reading and is not normalised again (`GenerationRequest.resolved`)."""
-    request = GenerationRequest(
+def _request(job: Job) -> GenerationRequest:
+    """The job as the model protocol's request. A job the API node resolved keeps its reading
+    and is not normalised again (`GenerationRequest.resolved`)."""
+    return GenerationRequest(
         job.prompt,
         job.negative_prompt or "",  # resolved: "" is none (t2v.text.normalize_negative)
         job.seed,
@@ -204,7 +217,6 @@ def _generate(model: VideoModel, job: Job, progress, cancelled):
         warnings=job.warnings,
         resolved=job.resolved,
     )
-    return model.generate([model.resolve(request)], progress=progress, cancelled=cancelled)[0]
 
 
 def register_cli(subparsers, data_dir_option) -> None:
