@@ -555,6 +555,18 @@ def test_keys_cli_prints_the_key_once_as_the_last_line(tmp_path):
     assert again.returncode == 2 and "No active key" in again.stderr
 
 
+def test_an_api_only_node_takes_no_model_folder(tmp_path):
+    """`--workers 0` runs no model: its models are those `t2v worker` processes serve."""
+    argv = ["serve", "--workers", "0", "--db", "postgresql://t2v@db/t2v", "--model", str(tmp_path)]
+    r = subprocess.run(
+        [sys.executable, "-m", "t2v.cli", *argv, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--default-model" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
 def test_serve_refuses_a_public_address_without_auth(tmp_path):
     r = subprocess.run(
         [

@@ -30,7 +30,8 @@ def register_cli(subparsers) -> None:
         help="Serve the web page and REST API.",
         description="Serve the web page (/) and the REST API (/v1/videos, OpenAI's videos API "
         "with t2v's knobs as extra fields, described at /docs). "
-        "The model is loaded once at start-up; one worker runs the queued jobs in order. "
+        "The model is loaded once at start-up and --workers threads run the queued jobs in "
+        "order; with --workers 0 and a shared --db, `t2v worker` processes run them. "
         "SIGTERM finishes the running job (up to --drain-timeout) before exiting; Ctrl-C "
         "puts it back in the queue for the next start.",
     )
