@@ -34,9 +34,20 @@ def read(rewriter: Rewriter, prompt: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def vocabulary() -> dict:
-    from build_lexicon import caption_vocabulary
+    from t2v.shapes import caption_vocabulary
 
     return caption_vocabulary()
+
+
+def test_a_model_trained_on_moving_shapes_carries_the_vocabulary(tmp_path):
+    from t2v.sources import save_vocabulary
+
+    save_vocabulary(tmp_path / "shards-model", str(tmp_path))  # a shard folder: nothing
+    assert not (tmp_path / "shards-model").exists()
+    (tmp_path / "model").mkdir()
+    save_vocabulary(tmp_path / "model", "shapes")  # what the trainer and `t2v export` call
+    written = json.loads((tmp_path / "model" / VOCABULARY_FILE).read_text("utf-8"))
+    assert written == json.loads((DEFAULT_MODEL_DIR / VOCABULARY_FILE).read_text("utf-8"))
 
 
 def test_the_shipped_vocabulary_is_the_caption_grammars(vocabulary):

@@ -186,6 +186,8 @@ def test_generator_stage_writes_a_model_folder_that_generates(
     pipe = TextToVideoPipeline.from_pretrained(run / "model", device="cpu")
     assert pipe.text_encoder.config.split_objects == (split == "true")
     assert pipe.generator.config.text_slots == (4 if split == "true" else 0)
+    # Shards have free-text captions: no vocabulary for the prompt rewriter to map onto.
+    assert not (run / "model" / "vocabulary.json").exists()
     trained_ae = load_file(str(autoencoder_run / "autoencoder" / "final" / "model.safetensors"))
     assert all(torch.equal(v, trained_ae[k]) for k, v in pipe.autoencoder.state_dict().items())
     clip = pipe(PROMPT, seed=1, steps=2).frames

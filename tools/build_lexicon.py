@@ -26,88 +26,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from t2v import shapes
-from t2v.models.text_encoders import split_objects
 from t2v.rewrite import (
     FUNCTION_WORDS,
     LEXICON_PATH,
-    NEGATIONS,
     VOCABULARY_FILE,
-    Rewriter,
     base_forms,
-    words_of,
 )
+from t2v.shapes import caption_vocabulary
 
 WORDNET = Path("/usr/share/wordnet")
 RGB_TXT = Path("/usr/share/X11/rgb.txt")
 GENERIC_MOTION, GENERIC_OBJECT = "motion:", "object:"
-
-# --- 1. the caption vocabulary ---------------------------------------------------------------
-
-
-def caption_vocabulary() -> dict:
-    """Each caption word's label, derived from the grammar (no word is listed by hand)."""
-    words: dict[str, set[str]] = defaultdict(set)
-    for c in shapes.COLORS:
-        words[c].add(f"color:{c}")
-    for attr, table in (("shape", shapes.SHAPE_WORDS), ("size", shapes.SIZE_WORDS)):
-        for value, phrases in table.items():
-            for phrase in phrases:
-                for w in words_of(phrase):
-                    words[w].add(f"{attr}:{value}")
-    # A motion word names the axes that every direction whose phrases hold it shares: "left"
-    # is in left, up-left and down-left (axis left); "moving" is in all (no axis). The word
-    # after "from" names where the object comes from, not where it goes, so it is dropped.
-    axes = {d: set(d.split("-")) for d in shapes.DIRECTIONS}
-    seen: dict[str, list[set[str]]] = defaultdict(list)
-    for d, phrases in shapes.MOTION_PHRASES.items():
-        for phrase in phrases:
-            for w in set(words_of(re.sub(r"\bfrom \w+", "", phrase))) - FUNCTION_WORDS - NEGATIONS:
-                seen[w].append(axes[d])
-    for w, sets in seen.items():
-        common = set.intersection(*sets)
-        if len(common) == 1:
-            words[w].add(f"direction:{common.pop()}")
-        elif not common:
-            words[w].add(GENERIC_MOTION)
-    phrases = {
-        p: f"{attr}:{value}"
-        for attr, table in (("shape", shapes.SHAPE_WORDS), ("size", shapes.SIZE_WORDS))
-        for value, ps in table.items()
-        for p in ps
-        if " " in p
-    }
-    ambiguous = sorted(w for w, labels in words.items() if len(labels) > 1)
-    if ambiguous:
-        raise SystemExit(f"caption words with two meanings: {ambiguous}")
-    first, second = "{first}", "{second}"
-    vocabulary = {
-        "values": {
-            "color": list(shapes.COLORS),
-            "shape": list(shapes.SHAPES),
-            "size": list(shapes.SIZES),
-            "direction": list(shapes.DIRECTIONS),
-        },
-        "words": {w: labels.pop() for w, labels in sorted(words.items())},
-        "phrases": phrases,
-        # The form every caption may take (shapes.canonical_caption), with a slot per value.
-        "template": shapes.canonical_caption(
-            color="{color}", shape="{shape}", size="{size}", direction="{direction}"
-        ).replace("moving {direction}", "{motion}"),
-        "motion": {
-            d: shapes.canonical_caption("s", "c", "x", d).split(" ", 4)[4]
-            for d in shapes.DIRECTIONS
-        },
-        "rgb": shapes.COLORS,
-        "pair": shapes.PAIR_TEMPLATES[0].format(first=first, second=second),
-    }
-    # The clause patterns of the training stream ("a size color shape direction"): a
-    # prompt clause of one of these forms is left as typed.
-    reader = Rewriter(vocabulary)
-    clauses = {c for caption in shapes.caption_corpus(0, 3000) for c in split_objects(caption)}
-    vocabulary["patterns"] = sorted({reader.pattern(words_of(c)) for c in clauses})
-    return vocabulary
-
 
 # --- 2. WordNet and X11's colour names ----------------------------------------------------
 

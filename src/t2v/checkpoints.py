@@ -25,6 +25,7 @@ from t2v.models.build import build_pipeline
 from t2v.outputs import check_dir, writing_dir
 from t2v.pipeline import TextToVideoPipeline
 from t2v.runtime import refuse_pickles
+from t2v.sources import save_vocabulary
 from t2v.text import Tokenizer
 from t2v.train_config import TrainConfig
 
@@ -228,6 +229,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         te.load_state_dict(_prefixed(ema, "text_encoder."))
     with writing_dir(out, "model", MODEL_LAYOUT) as tmp:
         TextToVideoPipeline(te, ae, gen, c.pipeline, "cpu").save_pretrained(tmp)
+        save_vocabulary(tmp, c.data.source)
     return out
 
 

@@ -8,6 +8,8 @@ batch at once with broadcast coverage maps in torch (CPU or CUDA).
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,3 +356,71 @@ def write_dataset(
                     + "\n"
                 )
     return out
+
+
+# --- the caption vocabulary: what the prompt rewriter (t2v.rewrite) maps free wording onto ----
+
+
+def caption_vocabulary() -> dict:
+    """Each caption word's label, derived from the grammar (no word is listed by hand): the
+    ``vocabulary.json`` that a Moving Shapes model folder carries for `t2v.rewrite`."""
+    from t2v.models.text_encoders import split_objects
+    from t2v.rewrite import FUNCTION_WORDS, NEGATIONS, Rewriter, words_of
+
+    words: dict[str, set[str]] = defaultdict(set)
+    for c in COLORS:
+        words[c].add(f"color:{c}")
+    for attr, table in (("shape", SHAPE_WORDS), ("size", SIZE_WORDS)):
+        for value, phrases in table.items():
+            for phrase in phrases:
+                for w in words_of(phrase):
+                    words[w].add(f"{attr}:{value}")
+    # A motion word names the axes that every direction whose phrases hold it shares: "left"
+    # is in left, up-left and down-left (axis left); "moving" is in all (no axis). The word
+    # after "from" names where the object comes from, not where it goes, so it is dropped.
+    axes = {d: set(d.split("-")) for d in DIRECTIONS}
+    seen: dict[str, list[set[str]]] = defaultdict(list)
+    for d, phrases in MOTION_PHRASES.items():
+        for phrase in phrases:
+            for w in set(words_of(re.sub(r"\bfrom \w+", "", phrase))) - FUNCTION_WORDS - NEGATIONS:
+                seen[w].append(axes[d])
+    for w, sets in seen.items():
+        common = set.intersection(*sets)
+        if len(common) == 1:
+            words[w].add(f"direction:{common.pop()}")
+        elif not common:
+            words[w].add("motion:")  # a motion word that names no axis
+    phrases = {
+        p: f"{attr}:{value}"
+        for attr, table in (("shape", SHAPE_WORDS), ("size", SIZE_WORDS))
+        for value, ps in table.items()
+        for p in ps
+        if " " in p
+    }
+    ambiguous = sorted(w for w, labels in words.items() if len(labels) > 1)
+    if ambiguous:
+        raise SystemExit(f"caption words with two meanings: {ambiguous}")
+    first, second = "{first}", "{second}"
+    vocabulary = {
+        "values": {
+            "color": list(COLORS),
+            "shape": list(SHAPES),
+            "size": list(SIZES),
+            "direction": list(DIRECTIONS),
+        },
+        "words": {w: labels.pop() for w, labels in sorted(words.items())},
+        "phrases": phrases,
+        # The form every caption may take (canonical_caption), with a slot per value.
+        "template": canonical_caption(
+            color="{color}", shape="{shape}", size="{size}", direction="{direction}"
+        ).replace("moving {direction}", "{motion}"),
+        "motion": {d: canonical_caption("s", "c", "x", d).split(" ", 4)[4] for d in DIRECTIONS},
+        "rgb": COLORS,
+        "pair": PAIR_TEMPLATES[0].format(first=first, second=second),
+    }
+    # The clause patterns of the training stream ("a size color shape direction"): a
+    # prompt clause of one of these forms is left as typed.
+    reader = Rewriter(vocabulary)
+    clauses = {c for caption in caption_corpus(0, 3000) for c in split_objects(caption)}
+    vocabulary["patterns"] = sorted({reader.pattern(words_of(c)) for c in clauses})
+    return vocabulary

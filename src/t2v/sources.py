@@ -191,6 +191,26 @@ def is_moving_shapes(spec: str) -> bool:
     return spec in ("shapes", "shapes:train", "shapes:eval")
 
 
+def model_vocabulary(spec: str) -> dict | None:
+    """The ``vocabulary.json`` a model trained on ``spec`` carries for the prompt rewriter
+    (`t2v.rewrite`): Moving Shapes' caption grammar; None for shards, whose captions are free
+    text with no grammar to map onto."""
+    if not is_moving_shapes(str(spec)):
+        return None
+    from t2v import shapes  # imported lazily, as ShapesSource does
+
+    return shapes.caption_vocabulary()
+
+
+def save_vocabulary(model_dir: str | Path, spec: str) -> None:
+    """Write `model_vocabulary` into a model folder, when the source has one."""
+    vocabulary = model_vocabulary(spec)
+    if vocabulary is not None:
+        from t2v.rewrite import Rewriter
+
+        Rewriter(vocabulary).save(model_dir)
+
+
 def open_source(
     spec: str,
     seed: int = 0,

@@ -36,7 +36,7 @@ from t2v.models.autoencoder import VideoAutoencoder, psnr
 from t2v.objectives import AutoencoderObjective, GeneratorObjective
 from t2v.pipeline import TextToVideoPipeline, save_component
 from t2v.runtime import autocast, resolve_device
-from t2v.sources import ClipSource, open_source
+from t2v.sources import ClipSource, open_source, save_vocabulary
 from t2v.train_config import STAGES, StageConfig, TrainConfig
 from t2v.train_stages import attention_loss_runs, build_autoencoder, build_generator
 from t2v.video import to_model_tensor, to_uint8_clips
@@ -355,6 +355,7 @@ class Trainer:
             save_component(ae, ae.config, folder)
         else:
             folder = self._ema_pipeline().save_pretrained(Path(self.config.run_dir) / "model")
+            save_vocabulary(folder, self.config.data.source)
             metrics = {"steps": self.step}
         metrics["nonfinite_steps"] = self.nonfinite_total
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
