@@ -35,8 +35,8 @@ test: install browser postgres
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools experiments
+	$(VENV)/bin/ruff format --check src tests bench tools experiments
 
 # Each bench prints a table. The text-encoder comparison trains four generators (about 41
 # minutes on 2 cores), so it has its own target.
