@@ -11,6 +11,7 @@ bind attributes; here the generator is trained with it).
 from __future__ import annotations
 
 import copy
+import json
 import re
 import threading
 from dataclasses import dataclass, replace
@@ -221,6 +222,164 @@ class GRUTextEncoder(_ScratchEncoder):
         return TextEncoding(x, mask, (x * m).sum(1) / m.sum(1))
 
 
+class _BertOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, L, D), named as transformers names it
+
+
+class _BertLayer(nn.Module):
+    """One post-LN BERT layer, the same operations in the same order as transformers'
+    BertLayer with SDPA attention, so that its outputs are bit for bit the same."""
+
+    def __init__(self, width: int, heads: int, inner: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.attn_out, self.attn_ln = nn.Linear(width, width), nn.LayerNorm(width, eps=eps)
+        self.inner, self.out = nn.Linear(width, inner), nn.Linear(inner, width)
+        self.out_ln = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        heads = (*x.shape[:-1], self.heads, -1)
+        q, k, v = (p(x).view(heads).transpose(1, 2) for p in (self.query, self.key, self.value))
+        a = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5
+        )
+        a = a.transpose(1, 2).contiguous().reshape(*x.shape[:-1], -1).contiguous()
+        x = self.attn_ln(self.attn_out(a) + x)
+        return self.out_ln(self.out(nn.functional.gelu(self.inner(x))) + x)
+
+
+class _Bert(nn.Module):
+    """A plain BERT encoder (absolute positions, GELU), built from its config.json without
+    transformers: importing transformers' BertModel costs seconds of a cold `t2v generate`
+    (it pulls in torch.distributed and torch._dynamo), the model itself milliseconds."""
+
+    def __init__(self, c: dict[str, Any]):
+        super().__init__()
+        width, eps = c["hidden_size"], c["layer_norm_eps"]
+        self.word = nn.Embedding(c["vocab_size"], width, padding_idx=c.get("pad_token_id"))
+        self.position = nn.Embedding(c["max_position_embeddings"], width)
+        self.token_type = nn.Embedding(c["type_vocab_size"], width)
+        self.ln = nn.LayerNorm(width, eps=eps)
+        self.layers = nn.ModuleList(
+            _BertLayer(width, c["num_attention_heads"], c["intermediate_size"], eps)
+            for _ in range(c["num_hidden_layers"])
+        )
+        self.pooler = nn.Linear(width, width)  # unused; kept so the parameter count is BERT's
+
+    # Checkpoint names (after "encoder.layer.N.") of the layer's parts.
+    LAYER_NAMES: ClassVar[dict[str, str]] = {
+        "attention.self.query.": "query.",
+        "attention.self.key.": "key.",
+        "attention.self.value.": "value.",
+        "attention.output.dense.": "attn_out.",
+        "attention.output.LayerNorm.": "attn_ln.",
+        "intermediate.dense.": "inner.",
+        "output.dense.": "out.",
+        "output.LayerNorm.": "out_ln.",
+    }
+    NAMES: ClassVar[dict[str, str]] = {
+        "embeddings.word_embeddings.": "word.",
+        "embeddings.position_embeddings.": "position.",
+        "embeddings.token_type_embeddings.": "token_type.",
+        "embeddings.LayerNorm.": "ln.",
+        "pooler.dense.": "pooler.",
+    }
+
+    @classmethod
+    def rename(cls, key: str) -> str | None:
+        """This module's name for a checkpoint tensor; None for a buffer it does not keep."""
+        key = key.removeprefix("bert.")
+        if key.startswith("encoder.layer."):
+            index, rest = key.removeprefix("encoder.layer.").split(".", 1)
+            for old, new in cls.LAYER_NAMES.items():
+                if rest.startswith(old):
+                    return f"layers.{index}.{new}{rest.removeprefix(old)}"
+        for old, new in cls.NAMES.items():
+            if key.startswith(old):
+                return new + key.removeprefix(old)
+        return None  # embeddings.position_ids: recomputed
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> _BertOutput:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word(input_ids) + self.token_type(token_type_ids)
+        x = self.ln(x + self.position(torch.arange(input_ids.shape[1], device=x.device)[None]))
+        # As transformers: no mask when nothing is padded (SDPA may then pick another kernel).
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return _BertOutput(x)
+
+
+def _is_plain_bert(path: Path, hf_config: dict[str, Any]) -> bool:
+    """Whether ``_Bert`` reproduces the folder's model and the tokenizers library its
+    tokenizer; anything else goes through transformers."""
+    files = all((path / name).is_file() for name in ("model.safetensors", "tokenizer.json"))
+    return (
+        files
+        and hf_config.get("model_type") == "bert"
+        and hf_config.get("hidden_act") == "gelu"
+        and hf_config.get("position_embedding_type", "absolute") == "absolute"
+        and not hf_config.get("is_decoder", False)
+    )
+
+
+def _load_plain_bert(path: Path, hf_config: dict[str, Any], max_len: int):
+    """The model (weights straight from model.safetensors) and a tokenizer function."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    tok.enable_truncation(max_len)  # as transformers' truncation=True, max_length=max_len
+    tok.enable_padding(pad_id=hf_config.get("pad_token_id") or 0)
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        encs = tok.encode_batch(texts)
+        return {
+            "input_ids": torch.tensor([e.ids for e in encs]),
+            "token_type_ids": torch.tensor([e.type_ids for e in encs]),
+            "attention_mask": torch.tensor([e.attention_mask for e in encs]),
+        }
+
+    # Built on the CPU, not on the meta device: meta tensors import torch._dynamo and sympy,
+    # which cost more than the random initialisation the loaded weights then replace.
+    model = _Bert(hf_config)
+    state = {_Bert.rename(k): v for k, v in load_file(path / "model.safetensors").items()}
+    state.pop(None, None)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model, tokenize
+
+
+def _load_with_transformers(path: Path, max_len: int):
+    """Any other Hugging Face encoder, through transformers (slow to import)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        return hf_tokenizer(
+            texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
+
+    return AutoModel.from_pretrained(path, local_files_only=True), tokenize
+
+
 class PretrainedTextEncoder(TextEncoder):
     """A frozen BERT-family model from a local folder, loaded fully offline, with mean pooling
     (Reimers & Gurevych 2019).
@@ -233,6 +392,7 @@ class PretrainedTextEncoder(TextEncoder):
     """
 
     trainable = False
+    # hf_tokenizer: texts -> the model's inputs (input_ids, attention_mask, token_type_ids)
     _SHARED = ("frozen", "hf_tokenizer", "tokenizer", "_cache", "_lock")  # never deep-copied
 
     def __init__(
@@ -242,22 +402,19 @@ class PretrainedTextEncoder(TextEncoder):
         cache_size: int = 200_000,
     ):
         super().__init__()
-        import os
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         path = Path(config.pretrained_path) if config.pretrained_path else minilm_path()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"No Hugging Face model folder at {path} (config.json missing)."
             )
-        self.hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        hf_config = json.loads((path / "config.json").read_text("utf-8"))
+        if _is_plain_bert(path, hf_config):
+            model, self.hf_tokenizer = _load_plain_bert(path, hf_config, config.max_len)
+        else:
+            model, self.hf_tokenizer = _load_with_transformers(path, config.max_len)
+        model.eval()
         self.__dict__["frozen"] = model.requires_grad_(False)  # not a submodule
-        self.config = replace(config, output_dim=model.config.hidden_size)
+        self.config = replace(config, output_dim=hf_config["hidden_size"])
         # The training captions' word list, if known: only used to tell apart prompts that
         # share no word with them (the frozen model's own vocabulary covers any text).
         self.tokenizer = tokenizer
@@ -285,14 +442,7 @@ class PretrainedTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def _encode_new(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.hf_tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.config.max_len,
-            return_tensors="pt",
-        )
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in self.hf_tokenizer(texts).items()}
         with torch.autocast(self.device.type, enabled=False):
             hidden = self.frozen(**batch).last_hidden_state.float()  # (B, L, D)
         lengths = batch["attention_mask"].sum(1).tolist()
