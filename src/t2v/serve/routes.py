@@ -1,12 +1,14 @@
 """The routes: thin translations of HTTP to `JobQueue` calls, and the page and its docs.
 
 `app.state` holds what `t2v.serve.app.create_app` built: `config`, `queue`, `keys` and
-`served` (the model: its knobs, and once loaded the model itself).
+`served` (the models jobs can name: the node's own, with its knobs and once loaded the model
+itself, and those live `t2v worker` processes serve).
 
 POST /v1/videos takes JSON or a multipart form (the official OpenAI clients send forms). Its
 OpenAI fields map onto t2v's knobs: `size` "WxH" is width and height; `seconds` is frames at
-the request's fps (or the model's). The served model then checks every knob, so a value it
-cannot take is a 422 that names the nearest it can, and no job is created.
+the request's fps (or the model's). The named model (or the default) then checks every knob,
+once, so a value it cannot take is a 422 that names the nearest it can, and no job is
+created; the queue and the worker take the resolved request as it is.
 """
 
 from __future__ import annotations
