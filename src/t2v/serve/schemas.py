@@ -62,7 +62,9 @@ class VideoCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(description="What to show.", examples=["a large red circle moving right"])
-    model: str | None = Field(None, description="The served model's id (GET /v1/models).")
+    model: str | None = Field(
+        None, description="A model's id from GET /v1/models; left out: the default model."
+    )
     size: Annotated[str, StringConstraints(pattern=SIZE)] | None = Field(
         None, description="WIDTHxHEIGHT in pixels, e.g. 64x64; or give width and height."
     )
