@@ -116,6 +116,23 @@ def test_defaults_come_from_the_pipeline_and_the_folder(tiny_diffusers, models):
     assert models["cogvideox"].knobs == cog and kind_of(tiny_diffusers["ltx"]) == "diffusers"
 
 
+def test_a_wan_folder_with_few_rotary_positions_states_the_sizes_it_can_place(
+    tiny_diffusers, tmp_path
+):
+    """Wan's rotary table holds rope_max_seq_len positions an axis (1024 in the released
+    configs): a folder with 32 takes at most 32 x 16 px a side and 125 frames, and asking for
+    more is a one-sentence refusal, never a RuntimeError from inside the transformer."""
+    folder = shutil.copytree(tiny_diffusers["wan"], tmp_path / "wan")
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rope_max_seq_len": 32}))
+    knobs = read_knobs(folder)
+    assert (knobs.width.hi, knobs.height.hi, knobs.frames.hi) == (512, 512, 125)
+    assert (knobs.width.default, knobs.height.default) == (512, 480)
+    with pytest.raises(UserError, match="nearest are 512"):
+        knobs.resolve(GenerationRequest(PROMPT, width=528))
+    assert read_knobs(tiny_diffusers["wan"]).width.hi == 1280  # 1024 positions: the t2v cap
+
+
 def test_the_rules_table_matches_the_installed_diffusers_defaults():
     import diffusers
 

@@ -176,15 +176,21 @@ def read_knobs(path: Path) -> Knobs:
     frames = rules.frames or transformer.get("sample_frames", 49)
     height = rules.height or transformer.get("sample_height", 60) * spatial
     width = rules.width or transformer.get("sample_width", 90) * spatial
-    max_frames = rules.max_frames
+    max_frames = max(rules.max_frames, frames)
     if name == "CogVideoXPipeline" and transformer.get("patch_size_t") is not None:
         max_frames = 81  # CogVideoX 1.5
+    max_width, max_height = max(MAX_SIZE, width), max(MAX_SIZE, height)
+    if name == "WanPipeline":  # its rotary table places rope_max_seq_len positions an axis
+        positions = transformer.get("rope_max_seq_len", 1024)
+        most = positions * spatial * patch // size * size
+        max_width, max_height = min(max_width, most), min(max_height, most)
+        max_frames = min(max_frames, (positions - 1) * temporal + 1)
     return Knobs(
         steps=IntRange(rules.steps, 1, MAX_STEPS),
         guidance=FloatRange(rules.guidance, 0.0, MAX_GUIDANCE),
-        frames=IntRange(frames, temporal + 1, max(max_frames, frames), temporal, 1),
-        width=IntRange(width, size, max(MAX_SIZE, width), size),
-        height=IntRange(height, size, max(MAX_SIZE, height), size),
+        frames=IntRange(min(frames, max_frames), temporal + 1, max_frames, temporal, 1),
+        width=IntRange(min(width, max_width), size, max_width, size),
+        height=IntRange(min(height, max_height), size, max_height, size),
         fps=FloatRange(rules.fps, MIN_FPS, MAX_FPS),
     )
 
