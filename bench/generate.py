@@ -13,6 +13,7 @@ Run: .venv/bin/python bench/generate.py   (about 3 minutes on 2 idle cores; --he
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -136,8 +137,13 @@ def tradeoff_table(pipe: TextToVideoPipeline, repeats: int) -> None:
         print(f"| {steps} | " + " | ".join(cells) + " |", flush=True)
 
 
-def cold_cli_seconds(folder: Path, scratch: Path) -> float:
-    """Wall time of a fresh `t2v generate` process: imports, loading, sampling, encoding."""
+def cold_cli_seconds(folder: Path, scratch: Path, runs: int = 5) -> float:
+    """Median wall time of ``runs`` fresh `t2v generate` processes: imports, loading,
+    sampling, encoding. A median, because one run on a busy machine can take twice as long."""
+    return statistics.median(_cold_cli_once(folder, scratch) for _ in range(runs))
+
+
+def _cold_cli_once(folder: Path, scratch: Path) -> float:
     command = [
         sys.executable,
         "-m",
@@ -160,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model folder (default: see above)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold `t2v generate`")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -168,11 +175,13 @@ def main() -> None:
             f"Machine: {machine()}\nModel: {which}; {pipe.config.steps} steps, guidance "
             f"{pipe.config.guidance:g}, {pipe.config.sampler} sampler by default\n"
         )
-        latency_table(pipe, args.repeats)
-        tradeoff_table(pipe, args.repeats)
+        if not args.cold_only:
+            latency_table(pipe, args.repeats)
+            tradeoff_table(pipe, args.repeats)
+        seconds = cold_cli_seconds(folder, scratch)
         print(
-            f"\nCold `t2v generate` process (default steps, fp32, writes an MP4): "
-            f"{cold_cli_seconds(folder, scratch):.1f} s"
+            f"\nCold `t2v generate` process (default steps, fp32, writes an MP4), median of 5: "
+            f"{seconds:.1f} s; load average {os.getloadavg()[0]:.1f} after"
         )
 
 
