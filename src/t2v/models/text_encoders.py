@@ -226,6 +226,20 @@ class _BertOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (B, L, D), named as transformers names it
 
 
+def _linear(n_in: int, n_out: int) -> nn.Linear:
+    """An uninitialised nn.Linear, for weights loaded right after (the random initialisation
+    of MiniLM's layers would cost a cold start a tenth of a second for nothing)."""
+    m = nn.Linear(1, 1)
+    m.in_features, m.out_features = n_in, n_out
+    m.weight, m.bias = nn.Parameter(torch.empty(n_out, n_in)), nn.Parameter(torch.empty(n_out))
+    return m
+
+
+def _embedding(n: int, width: int, padding_idx: int | None = None) -> nn.Embedding:
+    """An uninitialised nn.Embedding (see `_linear`)."""
+    return nn.Embedding(n, width, padding_idx=padding_idx, _weight=torch.empty(n, width))
+
+
 class _BertLayer(nn.Module):
     """One post-LN BERT layer, the same operations in the same order as transformers'
     BertLayer with SDPA attention, so that its outputs are bit for bit the same."""
@@ -233,9 +247,9 @@ class _BertLayer(nn.Module):
     def __init__(self, width: int, heads: int, inner: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
-        self.attn_out, self.attn_ln = nn.Linear(width, width), nn.LayerNorm(width, eps=eps)
-        self.inner, self.out = nn.Linear(width, inner), nn.Linear(inner, width)
+        self.query, self.key, self.value = (_linear(width, width) for _ in range(3))
+        self.attn_out, self.attn_ln = _linear(width, width), nn.LayerNorm(width, eps=eps)
+        self.inner, self.out = _linear(width, inner), _linear(inner, width)
         self.out_ln = nn.LayerNorm(width, eps=eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -257,15 +271,15 @@ class _Bert(nn.Module):
     def __init__(self, c: dict[str, Any]):
         super().__init__()
         width, eps = c["hidden_size"], c["layer_norm_eps"]
-        self.word = nn.Embedding(c["vocab_size"], width, padding_idx=c.get("pad_token_id"))
-        self.position = nn.Embedding(c["max_position_embeddings"], width)
-        self.token_type = nn.Embedding(c["type_vocab_size"], width)
+        self.word = _embedding(c["vocab_size"], width, padding_idx=c.get("pad_token_id"))
+        self.position = _embedding(c["max_position_embeddings"], width)
+        self.token_type = _embedding(c["type_vocab_size"], width)
         self.ln = nn.LayerNorm(width, eps=eps)
         self.layers = nn.ModuleList(
             _BertLayer(width, c["num_attention_heads"], c["intermediate_size"], eps)
             for _ in range(c["num_hidden_layers"])
         )
-        self.pooler = nn.Linear(width, width)  # unused; kept so the parameter count is BERT's
+        self.pooler = _linear(width, width)  # unused; kept so the parameter count is BERT's
 
     # Checkpoint names (after "encoder.layer.N.") of the layer's parts.
     LAYER_NAMES: ClassVar[dict[str, str]] = {
@@ -352,8 +366,8 @@ def _load_plain_bert(path: Path, hf_config: dict[str, Any], max_len: int):
             "attention_mask": torch.tensor([e.attention_mask for e in encs]),
         }
 
-    # Built on the CPU, not on the meta device: meta tensors import torch._dynamo and sympy,
-    # which cost more than the random initialisation the loaded weights then replace.
+    # Uninitialised CPU tensors, not the meta device: meta tensors import torch._dynamo and
+    # sympy, which cost more than the whole model.
     model = _Bert(hf_config)
     state = {_Bert.rename(k): v for k, v in load_file(path / "model.safetensors").items()}
     state.pop(None, None)
