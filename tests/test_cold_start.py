@@ -99,3 +99,36 @@ def test_a_non_bert_folder_goes_through_transformers(tmp_path):
     assert not _is_plain_bert(path, {**config, "model_type": "roberta"})
     assert not _is_plain_bert(path, {**config, "position_embedding_type": "relative_key"})
     assert not _is_plain_bert(tmp_path, config)  # no model.safetensors, no tokenizer.json
+
+
+def test_a_masked_lm_bert_file_loads_and_a_truncated_one_is_refused(tmp_path):
+    """A BertForMaskedLM checkpoint names its tensors "bert.*", has a "cls.*" head and no
+    pooler: it loads as the same encoder. A file missing an encoder weight is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from t2v.models.text_encoders import _load_plain_bert, minilm_path
+
+    path = minilm_path()
+    config = json.loads((path / "config.json").read_text("utf-8"))
+    state = load_file(path / "model.safetensors")
+    for name in ("masked_lm", "truncated"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ("config.json", "tokenizer.json"):
+            shutil.copy(path / file, folder / file)
+        renamed = {f"bert.{k}": v for k, v in state.items() if not k.startswith("pooler.")}
+        renamed["cls.predictions.bias"] = torch.zeros(config["vocab_size"])
+        if name == "truncated":
+            del renamed["bert.encoder.layer.5.output.dense.weight"]
+        save_file(renamed, folder / "model.safetensors")
+    original, tokenize = _load_plain_bert(path, config, 48)
+    masked_lm, _ = _load_plain_bert(tmp_path / "masked_lm", config, 48)
+    batch = tokenize(TEXTS[:3])
+    with torch.no_grad():
+        assert torch.equal(
+            masked_lm(**batch).last_hidden_state, original(**batch).last_hidden_state
+        )
+    with pytest.raises(ValueError, match="lacks BERT weights"):
+        _load_plain_bert(tmp_path / "truncated", config, 48)

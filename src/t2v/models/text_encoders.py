@@ -371,7 +371,9 @@ def _load_plain_bert(path: Path, hf_config: dict[str, Any], max_len: int):
     model = _Bert(hf_config)
     state = {_Bert.rename(k): v for k, v in load_file(path / "model.safetensors").items()}
     state.pop(None, None)
-    model.load_state_dict(state, strict=True, assign=True)
+    missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
+    if {k for k in missing if not k.startswith("pooler.")}:  # a masked-LM file has no pooler
+        raise ValueError(f"{path / 'model.safetensors'} lacks BERT weights: {missing[:3]}")
     return model, tokenize
 
 
