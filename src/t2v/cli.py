@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from t2v.errors import UserError
+from t2v.runtime import add_run_options  # no torch: --help stays instant
 
 FORMAT_CHOICES = ("mp4", "webm", "gif", "png")
 
@@ -263,7 +264,6 @@ def _export(a) -> None:
 
 
 def _add_generate(sub) -> None:
-    from t2v.runtime import DEVICES, OFFLOADS, PRECISIONS  # no torch: --help stays instant
 
     p = _parser(sub, "generate", "Generate a video from a prompt (or a file of prompts).")
     p.add_argument("prompt", nargs="?", help="what the video should show")
@@ -311,25 +311,7 @@ def _add_generate(sub) -> None:
         help="a t2v model folder, or a diffusers text-to-video folder (one with"
         " model_index.json); default: the bundled Moving Shapes model",
     )
-    p.add_argument(
-        "--device",
-        choices=DEVICES,
-        default="auto",
-        help="where to run; auto: a GPU if there is one",
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="arithmetic for generation: bf16 and fp16 are faster on a GPU and use less memory",
-    )
-    p.add_argument(
-        "--offload",
-        choices=OFFLOADS,
-        default="none",
-        help="GPU only: keep a large model's weights on the CPU until each part runs (model),"
-        " or each layer (sequential: least memory, slowest)",
-    )
+    add_run_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="batch mode: clips per batch")
     p.set_defaults(func=_generate)
 
@@ -382,7 +364,7 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")
     p.add_argument("--batch-size", type=int, default=16, help="clips generated per batch")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    add_run_options(p)
     p.set_defaults(func=_eval)
 
 
@@ -400,6 +382,8 @@ def _eval(a) -> None:
         seed=a.seed,
         batch_size=a.batch_size,
         device=a.device,
+        precision=a.precision,
+        offload=a.offload,
     )
 
 

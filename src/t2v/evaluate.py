@@ -421,6 +421,8 @@ def eval_cli(
     seed: int,
     batch_size: int,
     device: str,
+    precision: str = "fp32",
+    offload: str = "none",
 ) -> dict:
     """`t2v eval`: load the model (any kind `t2v.backends.load_model` takes), evaluate it,
     print the table, what the scores mean, and where the report is."""
@@ -429,7 +431,7 @@ def eval_cli(
 
     check_dir(out, EVAL_REPORT)  # refuse a folder we would not replace, before any work
     report = evaluate(
-        load_model(model, device=device),
+        load_model(model, device, precision, offload),
         count=count,
         seed=seed,
         batch_size=batch_size,

@@ -18,6 +18,32 @@ from t2v.model import Cancelled, GenerationFailed, IsCancelled, ModelError, Prog
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "model", "sequential")
+
+
+def add_run_options(parser) -> None:
+    """``--device``, ``--precision`` and ``--offload``: how a model runs, stated once for every
+    command that loads one (generate, eval, serve, worker)."""
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the model runs; auto: a CUDA GPU when there is one",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the model's arithmetic: bf16 and fp16 are faster on a GPU and use less memory",
+    )
+    parser.add_argument(
+        "--offload",
+        choices=OFFLOADS,
+        default="none",
+        help="GPU only: keep a large model's weights on the CPU until each part runs (model),"
+        " or each layer (sequential: least memory, slowest)",
+    )
+
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 

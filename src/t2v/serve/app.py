@@ -160,6 +160,7 @@ def create_app(config: ServeConfig, model: VideoModel | None = None, on_fatal=la
             yield
         finally:
             await run_in_threadpool(queue.stop)
+            store.close()  # the app opened it: its connections and listener end with the app
 
     app = FastAPI(
         title="t2v",

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from t2v.errors import UserError
+from t2v.runtime import add_run_options
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "t2v"
 
@@ -63,25 +64,7 @@ def register_cli(subparsers) -> None:
         "the only model that live `t2v worker` processes serve, and a job must name one "
         "when they serve several)",
     )
-    serve.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="where the model runs; auto picks cuda when available (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="the model's number format; bf16 and fp16 need a GPU (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--offload",
-        default="none",
-        choices=["none", "model", "sequential"],
-        help="keep a large model's weights on the CPU until each part runs; GPU only "
-        "(default: %(default)s)",
-    )
+    add_run_options(serve)
     _data_dir_option(serve)
     _db_option(serve)
     serve.add_argument(

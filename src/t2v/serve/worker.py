@@ -30,6 +30,7 @@ from pathlib import Path
 
 from t2v.errors import UserError
 from t2v.model import Cancelled, FloatRange, GenerationRequest, IntRange, Knobs
+from t2v.runtime import add_run_options
 from t2v.serve.store import Job, SqlStore, StoreUnavailable
 
 log = logging.getLogger("t2v.serve")
@@ -244,12 +245,7 @@ def register_cli(subparsers, data_dir_option) -> None:
         help="the model folder this worker serves (default: the model bundled with t2v)",
     )
     data_dir_option(worker)
-    worker.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="where the model runs; auto picks cuda when available (default: %(default)s)",
-    )
+    add_run_options(worker)
     worker.add_argument(
         "--lease-seconds",
         type=float,
@@ -269,11 +265,25 @@ def _worker(args: argparse.Namespace) -> None:
     if not 3 <= args.lease_seconds <= 86400:
         raise UserError("--lease-seconds must be from 3 to 86400.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    run_worker(args.db, args.model, args.data_dir, args.device, args.lease_seconds)
+    run_worker(
+        args.db,
+        args.model,
+        args.data_dir,
+        args.device,
+        args.lease_seconds,
+        precision=args.precision,
+        offload=args.offload,
+    )
 
 
 def run_worker(
-    db: str, model_dir: Path | None, data_dir: Path, device: str, lease_s: float
+    db: str,
+    model_dir: Path | None,
+    data_dir: Path,
+    device: str,
+    lease_s: float,
+    precision: str = "fp32",
+    offload: str = "none",
 ) -> None:
     """Serve jobs until SIGTERM (finish the running job) or SIGINT (put it back)."""
     from t2v import backends
@@ -294,7 +304,7 @@ def run_worker(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    model = backends.load_model(model_dir, device)
+    model = backends.load_model(model_dir, device, precision, offload)
     worker = Worker(store, model, lease_s=lease_s, stop=stop)
     log.info("worker %s serves model '%s'", worker.name, worker.model_id)
 
