@@ -11,7 +11,6 @@ import os
 import sqlite3
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,7 +25,8 @@ from swagger_ui_bundle import swagger_ui_path
 from t2v.errors import UserError
 from t2v.model import ModelInfo, VideoModel
 from t2v.serve.auth import KeyStore, RateLimiter
-from t2v.serve.filter import DEFAULT_BLOCKLIST, ContentFilter
+from t2v.serve.config import ServeConfig
+from t2v.serve.filter import ContentFilter
 from t2v.serve.guard import LOOPBACK_NAMES, Guard, hostname
 from t2v.serve.queue import JobError, JobQueue
 from t2v.serve.routes import STATIC, Served, site, videos
@@ -36,29 +36,6 @@ from t2v.serve.store import open_store
 log = logging.getLogger("t2v.serve")
 
 _NOT_JSON = 'The request body is not valid JSON; send an object like {"prompt": "a red circle"}.'
-
-
-@dataclass
-class ServeConfig:
-    """Everything `t2v serve` is told; the CLI's options map onto these fields one to one."""
-
-    data_dir: Path
-    model_dir: Path | None = None  # None: the bundled model
-    device: str = "auto"
-    precision: str = "fp32"
-    offload: str = "none"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    auth: bool = False
-    queue_size: int = 100
-    rate_limit: int = 30  # new jobs per API key per minute; 0: no limit
-    blocklist: Path = DEFAULT_BLOCKLIST  # an empty file: no content filter
-    allowed_hosts: tuple[str, ...] = ()
-    public_urls: tuple[str, ...] = ()  # origins of the page behind a proxy, e.g. https://t2v.org
-    drain_timeout: float = 30.0
-    db: str | None = None  # postgresql://... shared by nodes and workers; None: SQLite
-    workers: int = 1  # jobs run at once in this process; 0: the API only
-    default_model: str | None = None  # a job naming none: this; else see routes.Served
 
 
 def _methods(scope) -> list[str]:

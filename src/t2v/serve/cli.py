@@ -24,6 +24,7 @@ DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local
 
 def register_cli(subparsers) -> None:
     """Add the `serve`, `keys` and `worker` subcommands to an `argparse` subparsers object."""
+    from t2v.serve.config import ServeConfig
     from t2v.serve.filter import DEFAULT_BLOCKLIST
 
     serve = subparsers.add_parser(
@@ -38,14 +39,14 @@ def register_cli(subparsers) -> None:
     )
     serve.add_argument(
         "--host",
-        default="127.0.0.1",
+        default=ServeConfig.host,
         help="address to listen on (default: %(default)s); any address other "
         "than loopback needs --auth",
     )
     serve.add_argument(
         "--port",
         type=int,
-        default=8000,
+        default=ServeConfig.port,
         help="port to listen on; 0 picks a free one (default: %(default)s)",
     )
     serve.add_argument(
@@ -93,14 +94,14 @@ def register_cli(subparsers) -> None:
     serve.add_argument(
         "--queue-size",
         type=int,
-        default=100,
+        default=ServeConfig.queue_size,
         metavar="N",
         help="queued jobs beyond which new ones get 429 (default: %(default)s)",
     )
     serve.add_argument(
         "--rate-limit",
         type=int,
-        default=30,
+        default=ServeConfig.rate_limit,
         metavar="N",
         help="new jobs per API key per minute, 0 for no limit; without --auth "
         "all callers share one limit (default: %(default)s)",
@@ -116,7 +117,7 @@ def register_cli(subparsers) -> None:
     serve.add_argument(
         "--drain-timeout",
         type=float,
-        default=30.0,
+        default=ServeConfig.drain_timeout,
         metavar="SECONDS",
         help="on SIGTERM, how long the running job may take to finish before it "
         "is put back in the queue (default: %(default)s)",
@@ -202,6 +203,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from t2v.serve.config import ServeConfig
+
     if not args.auth and not _is_loopback(args.host):
         raise UserError(
             f"Refusing to serve on {args.host} without --auth; add --auth (keys come "
@@ -232,7 +235,6 @@ def _serve(args: argparse.Namespace) -> None:
             "--queue-size must be at least 1, --rate-limit and --drain-timeout at least 0."
         )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    from t2v.serve.app import ServeConfig
 
     if args.auth and not any(k.revoked_at is None for k in _keys(args).list()):
         logging.getLogger("t2v.serve").warning(

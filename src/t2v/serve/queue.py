@@ -28,6 +28,7 @@ from pathlib import Path
 
 from t2v.errors import UserError
 from t2v.model import VideoModel
+from t2v.serve.config import ServeConfig
 from t2v.serve.store import (
     API_STATUS,
     FINISHED,
@@ -111,7 +112,7 @@ class JobQueue:
         *,
         blocked_term: Callable[[str], str | None] = lambda prompt: None,
         rate_limit: Callable[[str], float] = lambda owner: 0.0,
-        queue_size: int = 100,
+        queue_size: int = ServeConfig.queue_size,
         on_fatal: Callable[[], None] = lambda: None,
         workers: int = 1,
         lease_s: float = 60.0,
