@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from t2v.model import ModelError
+
 # Each costs from a tenth of a second to seconds at import, and generating needs none of them.
 HEAVY = (
     "transformers",
@@ -130,5 +132,5 @@ def test_a_masked_lm_bert_file_loads_and_a_truncated_one_is_refused(tmp_path):
         assert torch.equal(
             masked_lm(**batch).last_hidden_state, original(**batch).last_hidden_state
         )
-    with pytest.raises(ValueError, match="lacks BERT weights"):
+    with pytest.raises(ModelError, match="lacks BERT weights"):
         _load_plain_bert(tmp_path / "truncated", config, 48)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import nn
 
+from t2v.model import ModelError
 from t2v.models.layers import MLP, Attention
 from t2v.text import Tokenizer
 
@@ -373,7 +374,7 @@ def _load_plain_bert(path: Path, hf_config: dict[str, Any], max_len: int):
     state.pop(None, None)
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     if {k for k in missing if not k.startswith("pooler.")}:  # a masked-LM file has no pooler
-        raise ValueError(f"{path / 'model.safetensors'} lacks BERT weights: {missing[:3]}")
+        raise ModelError(f"{path / 'model.safetensors'} lacks BERT weights: {missing[:3]}.")
     return model, tokenize
 
 
@@ -420,9 +421,7 @@ class PretrainedTextEncoder(TextEncoder):
         super().__init__()
         path = Path(config.pretrained_path) if config.pretrained_path else minilm_path()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"No Hugging Face model folder at {path} (config.json missing)."
-            )
+            raise ModelError(f"No Hugging Face model folder at {path} (config.json missing).")
         hf_config = json.loads((path / "config.json").read_text("utf-8"))
         if _is_plain_bert(path, hf_config):
             model, self.hf_tokenizer = _load_plain_bert(path, hf_config, config.max_len)
