@@ -302,3 +302,22 @@ def test_events_of_a_cancelled_job_end(serve, tiny_diffusers):
     with client.stream("GET", f"/v1/videos/{job_id}/events") as r:
         lines = [line for line in r.iter_lines() if line.startswith("data:")]
     assert json.loads(lines[-1].removeprefix("data: "))["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(("kind", "seconds", "frames"), [("ltx", "0.5", 9), ("cogvideox", "2", 17)])
+def test_the_server_loads_the_folder_itself_and_maps_seconds_to_its_frames(
+    tmp_path, tiny_diffusers, kind, seconds, frames
+):
+    """As `t2v serve --model FOLDER` runs: the knobs are read from the folder's JSON at once,
+    the model is loaded on the worker, and seconds become the nearest frame count it takes."""
+    folder = tiny_diffusers[kind]
+    config = ServeConfig(data_dir=tmp_path / "data", model_dir=folder, device="cpu", rate_limit=0)
+    with TestClient(create_app(config), base_url=BASE) as client:
+        (model,) = client.get("/v1/models").json()["data"]
+        assert model["id"] == folder.name and model["knobs"]["frames"]["offset"] == 1
+        body = {"prompt": PROMPT, "seconds": seconds, "size": "32x32", "steps": 1}
+        job = finished(client, client.post("/v1/videos", json=body).json()["id"])
+        assert (job["status"], job["frames"], job["size"]) == ("completed", frames, "32x32"), job
+        assert decoded(client.get(job["content_url"]).content) == (frames, 32, 32)
+        (model,) = client.get("/v1/models").json()["data"]
+        assert model["ready"] and model["kind"].endswith("Pipeline"), model
