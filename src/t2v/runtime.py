@@ -91,10 +91,25 @@ def check_offload(offload: str, device) -> str:
     return offload
 
 
+def folder_files(path: Path) -> list[Path]:
+    """Every file under ``path``, following symbolic links to folders (a linked subfolder is
+    loaded like any other, so it is checked like any other); each real folder once."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link cycle, or the same folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [Path(root) / n for n in names]
+    return sorted(files)
+
+
 def refuse_pickles(path: Path) -> None:
     """Refuse a folder holding any pickle-format file, before anything in it is read:
     unpickling runs arbitrary code."""
-    for f in sorted(Path(path).rglob("*")):
+    for f in folder_files(path):
         if f.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelError(
                 f"Refusing to load {path}: it contains {f.name}, a pickle-format "

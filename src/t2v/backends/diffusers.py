@@ -43,6 +43,7 @@ from t2v.runtime import (
     StepCounter,
     check_offload,
     dtype,
+    folder_files,
     out_of_memory_fails,
     refuse_pickles,
     resolve_device,
@@ -94,7 +95,7 @@ def _json(path: Path) -> dict:
 def check_folder(path: Path) -> dict:
     """Refuse a folder whose loading could run code; return its model_index.json."""
     refuse_pickles(path)
-    for f in sorted(path.rglob("*.py")):
+    for f in (f for f in folder_files(path) if f.suffix.lower() == ".py"):
         raise ModelError(
             f"Refusing to load {path}: it contains {f.relative_to(path)}, Python code; t2v "
             "runs only the code of diffusers and transformers, never a model's own."
@@ -277,7 +278,8 @@ class DiffusersModel:
             pipe = pipeline_class.from_pretrained(
                 str(path), dtype=dtype(precision), local_files_only=True, use_safetensors=True
             )
-        except (OSError, ValueError) as e:  # a missing or mismatched file
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            # a missing or mismatched file, or a config value of the wrong type
             raise ModelError(
                 f"Cannot load the diffusers model at {path}: {_first_line(e)}"
             ) from None
@@ -356,4 +358,6 @@ class DiffusersModel:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """A library error's first line, ended as a sentence."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip()
+    return line if line.endswith((".", "!", "?")) else line + "."
