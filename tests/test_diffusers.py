@@ -275,3 +275,13 @@ def test_loading_and_generating_never_touch_the_network(tiny_diffusers, monkeypa
     model = load_model(tiny_diffusers["cogvideox"], device="cpu")
     assert model.generate([small("cogvideox")])[0].frames.shape[0] == SMALL["cogvideox"][0]
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_one_nearest_value_is_named_in_the_singular():
+    from t2v.errors import UserError
+    from t2v.model import IntRange
+
+    with pytest.raises(
+        UserError, match=r"takes 32 to 1280 in multiples of 16; the nearest is 1280\.$"
+    ):
+        IntRange(480, 32, 1280, 16).check("width", 2000)

@@ -86,7 +86,8 @@ class IntRange:
             return v
         if self.multiple == 1 and not self.fixed:
             raise UserError(f"{name} must be a whole number from {self.lo} to {self.hi}, not {v}.")
-        near = " or ".join(map(str, self.nearest(v)))
+        nearest = self.nearest(v)
+        near = " or ".join(map(str, nearest))
         if self.fixed:
             raise UserError(f"{name} {v} is not possible for this model, which takes only {near}.")
         rule = (
@@ -96,7 +97,7 @@ class IntRange:
         )
         raise UserError(
             f"{name} {v} is not possible for this model, which takes {self._first()} to "
-            f"{self._last()}{rule}; the nearest are {near}."
+            f"{self._last()}{rule}; the nearest {'are' if len(nearest) > 1 else 'is'} {near}."
         )
 
 
