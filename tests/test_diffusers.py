@@ -94,7 +94,7 @@ def test_cancel_stops_within_one_step(models):
         ),
         ("wan", {"height": 40}, "the nearest are 32 or 48."),
         ("cogvideox", {"frames": 13}, "of the form 8k+1; the nearest are 9 or 17."),
-        ("cogvideox", {"frames": 50}, "the nearest are 49."),
+        ("cogvideox", {"frames": 50}, "the nearest is 49."),
         ("wan", {"steps": 0}, "steps must be a whole number from 1 to 100, not 0."),
     ],
 )
