@@ -128,7 +128,7 @@ def test_a_wan_folder_with_few_rotary_positions_states_the_sizes_it_can_place(
     knobs = read_knobs(folder)
     assert (knobs.width.hi, knobs.height.hi, knobs.frames.hi) == (512, 512, 125)
     assert (knobs.width.default, knobs.height.default) == (512, 480)
-    with pytest.raises(UserError, match="nearest are 512"):
+    with pytest.raises(UserError, match="nearest is 512"):
         knobs.resolve(GenerationRequest(PROMPT, width=528))
     assert read_knobs(tiny_diffusers["wan"]).width.hi == 1280  # 1024 positions: the t2v cap
 
