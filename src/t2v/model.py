@@ -110,6 +110,8 @@ class FloatRange:
     def check(self, name: str, v) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise UserError(f"{name} must be a number, not {v!r}.")
+        if self.lo == self.hi and v != self.lo:
+            raise UserError(f"This model's {name} is fixed at {self.lo:g}, not {v!r}.")
         if not self.lo <= v <= self.hi:
             raise UserError(f"{name} must be from {self.lo:g} to {self.hi:g}, not {v!r}.")
         return float(v)
@@ -141,11 +143,14 @@ class Knobs:
 
         if request.resolved:
             return request
+        negative = self.negative(request.negative_prompt)
+        if negative and not self.negative_prompt:
+            raise UserError("This model takes no negative prompt; leave it out.")
         return replace(
             request,
             resolved=True,
             prompt=normalize(request.prompt, self.max_prompt_chars),
-            negative_prompt=self.negative(request.negative_prompt),
+            negative_prompt=negative,
             seed=SEED.check("seed", request.seed),
             steps=self.steps.check("steps", _or(request.steps, self.steps.default)),
             guidance=self.guidance.check("guidance", _or(request.guidance, self.guidance.default)),

@@ -38,7 +38,12 @@ from t2v.models.text_encoders import (
     TextEncoding,
     build_text_encoder,
 )
-from t2v.pipeline_config import DEFAULT_MODEL_DIR, PipelineConfig, knobs_of
+from t2v.pipeline_config import (
+    DEFAULT_MODEL_DIR,
+    PipelineConfig,
+    distilled_guidance,
+    knobs_of,
+)
 from t2v.rewrite import Rewriter
 from t2v.runtime import (
     StepCounter,
@@ -110,8 +115,12 @@ class TextToVideoPipeline:
 
     @property
     def knobs(self) -> Knobs:
-        ae = self.autoencoder.config
-        return knobs_of(self.config, {"frames": ae.frames, "size": ae.size})
+        ae, gen = self.autoencoder.config, self.generator.config
+        return knobs_of(
+            self.config,
+            {"frames": ae.frames, "size": ae.size},
+            {"distilled_guidance": gen.distilled_guidance},
+        )
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.autoencoder, self.generator]
@@ -148,6 +157,7 @@ class TextToVideoPipeline:
             text_cfg = cfg.load_json(TextEncoderConfig, path / "text_encoder" / "config.json")
             ae_cfg = cfg.load_json(AutoencoderConfig, path / "autoencoder" / "config.json")
             gen_cfg = cfg.load_json(GeneratorConfig, path / "generator" / "config.json")
+            distilled_guidance(pipe_cfg, {"distilled_guidance": gen_cfg.distilled_guidance})
         except (cfg.ConfigError, ValueError) as e:
             raise ModelError(f"Cannot load the model at {path}: {e}") from None
         tokenizer = None  # optional for a pretrained encoder (its word list, see understands)
@@ -288,9 +298,7 @@ class TextToVideoPipeline:
         guidance = self.config.guidance if guidance is None else guidance
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}.")
-        if not 0 <= float(guidance) <= MAX_GUIDANCE:
-            raise UserError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, not {guidance!r}.")
-        return steps, float(guidance)
+        return steps, self.knobs.guidance.check("guidance", guidance)
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """One noise tensor per seed, drawn on the CPU so every device starts alike."""
@@ -321,6 +329,8 @@ class TextToVideoPipeline:
             normalize_negative(n, self.config.max_prompt_chars)
             for n in (negative_prompts or [""] * len(prompts))
         ]
+        if any(negatives) and not self.knobs.negative_prompt:
+            raise UserError(NO_NEGATIVE)
         steps, guidance = self._check_params(steps, guidance)
         return self._sample(prompts, seeds, negatives, steps, guidance, callback)
 
@@ -338,12 +348,18 @@ class TextToVideoPipeline:
         # 1. Draw the starting noise, one seed per clip.
         x = self.initial_noise(seeds)
         with out_of_memory_fails(), autocast(self.device, self.precision):
+            ts = time_grid(steps, self.config.shift, device=self.device)
+            if self.generator.config.distilled_guidance is not None:
+                # A distilled generator: guidance is inside it, so one pass per step.
+                z = SAMPLERS["shortcut"](
+                    _Stepped(self.generator), x, ts, self.text_encoder(prompts), callback
+                ).float()
+                return to_uint8_clips(self.autoencoder.decode(z).float())
             # 2. Encode text: the prompts, then (for guidance) the negatives or "".
             guided = guidance != 1.0
             text = self.text_encoder(prompts + negatives if guided else prompts)
             # 3-4. Denoise from noise at t = 1 to latents at t = 0 with classifier-free
             # guidance (Ho & Salimans 2022): v = v_neg + g (v_cond - v_neg).
-            ts = time_grid(steps, self.config.shift, device=self.device)
             sampler = SAMPLERS[self.config.sampler]
             z = sampler(
                 _Guided(self.generator, guidance if guided else None), x, ts, text, callback
@@ -362,11 +378,27 @@ class TextToVideoPipeline:
         return to_uint8_clips(video)
 
 
+NO_NEGATIVE = (
+    "This model has its guidance distilled into it, so it takes no negative prompt; "
+    "its teacher model does."
+)
+
+
 def _unknown_words(prompt: str) -> str:
     return (
         f"The model knows none of the words in {prompt[:60]!r}; describe "
         "a shape, its colour and motion, e.g. 'a red circle moving left'."
     )
+
+
+class _Stepped:
+    """A distilled generator as the shortcut sampler's model."""
+
+    def __init__(self, generator: LatentGenerator):
+        self.generator = generator
+
+    def __call__(self, x, t, text: TextEncoding, step: torch.Tensor) -> torch.Tensor:
+        return self.generator(x, t, text, step=step).float()
 
 
 class _Guided:

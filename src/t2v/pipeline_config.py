@@ -22,7 +22,8 @@ FORMAT_VERSION = 1  # of a t2v model folder; a folder of a newer format is refus
 class PipelineConfig:
     steps: int = 20
     guidance: float = 6.0
-    sampler: Literal["euler", "heun"] = "euler"
+    # "shortcut" samples a distilled generator (few steps, guidance inside), and only one.
+    sampler: Literal["euler", "heun", "shortcut"] = "euler"
     shift: float = 1.0  # time-grid shift, see t2v.flow.time_grid
     fps: float = 8.0
     max_prompt_chars: int = DEFAULT_MAX_CHARS
@@ -36,16 +37,40 @@ class PipelineConfig:
             )
 
 
-def knobs_of(pipeline: PipelineConfig, autoencoder: dict) -> Knobs:
+def distilled_guidance(pipeline: PipelineConfig, generator: dict) -> float | None:
+    """The guidance scale a distilled generator learned (its only one), or None for a
+    velocity model; a pipeline.json that does not match its generator is refused."""
+    baked = generator.get("distilled_guidance")
+    if (baked is None) != (pipeline.sampler != "shortcut"):
+        raise cfg.ConfigError(
+            'pipeline.json\'s sampler must be "shortcut" for a distilled generator '
+            f"and only for one, not {pipeline.sampler!r}."
+        )
+    if baked is not None and float(baked) != pipeline.guidance:
+        raise cfg.ConfigError(
+            f"pipeline.json's guidance {pipeline.guidance:g} differs from the "
+            f"{float(baked):g} its distilled generator learned."
+        )
+    return None if baked is None else float(baked)
+
+
+def knobs_of(pipeline: PipelineConfig, autoencoder: dict, generator: dict) -> Knobs:
     """The knobs of a t2v model: steps, guidance and fps from its pipeline.json; frames and
-    size fixed by its autoencoder config (a dict, so no torch is needed to read it)."""
+    size fixed by its autoencoder config; a distilled generator's config fixes the guidance
+    and takes no negative prompt. Configs come as dicts, so no torch is needed to read them."""
     frames, size = int(autoencoder["frames"]), int(autoencoder["size"])
+    baked = distilled_guidance(pipeline, generator)
     return Knobs(
         steps=IntRange(pipeline.steps, 1, MAX_STEPS),
-        guidance=FloatRange(pipeline.guidance, 0.0, MAX_GUIDANCE),
+        guidance=(
+            FloatRange(pipeline.guidance, 0.0, MAX_GUIDANCE)
+            if baked is None
+            else FloatRange(baked, baked, baked)
+        ),
         frames=IntRange(frames, frames, frames),
         width=IntRange(size, size, size),
         height=IntRange(size, size, size),
         fps=FloatRange(pipeline.fps, MIN_FPS, MAX_FPS),
         max_prompt_chars=pipeline.max_prompt_chars,
+        negative_prompt=baked is None,
     )

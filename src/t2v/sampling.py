@@ -2,7 +2,8 @@
 
 All share one signature, ``sample_x(model, x, ts, cond, callback=None)``, and keep no state:
 two requests can sample at the same time. ``model(x, t, cond)`` returns the velocity, with t a
-(B,) tensor; ``callback(step, total)`` is called after each step.
+(B,) tensor; ``callback(step, total)`` is called after each step. The few-step sampler of a
+distilled generator also passes the step: ``model(x, t, cond, step)``.
 """
 
 from __future__ import annotations
@@ -51,4 +52,26 @@ def sample_heun(
     return x
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+@torch.no_grad()
+def sample_shortcut(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    cond,
+    callback: Callback = None,
+) -> torch.Tensor:
+    """Steps of a model that predicts the mean velocity over the step it is told (a shortcut
+    model, Frans et al. 2025): x_next = x - d u(x, t, d), d = t - t_next. With d towards 0 it
+    is Euler's method; a distilled student takes its teacher's path in a few long steps."""
+    total = len(ts) - 1
+    for i in range(total):
+        d = ts[i] - ts[i + 1]
+        x = x - d * model(x, _t(ts[i], x), cond, _t(d, x))
+        if callback is not None:
+            callback(i + 1, total)
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "shortcut": sample_shortcut}
+# Samplers of a velocity model; "shortcut" goes with a distilled generator and only with one.
+VELOCITY_SAMPLERS = ("euler", "heun")

@@ -57,7 +57,8 @@ def read_knobs(path: str | Path | None = None) -> Knobs:
     try:
         pipeline = cfg.load_json(PipelineConfig, path / "pipeline.json")
         autoencoder = json.loads((path / "autoencoder" / "config.json").read_text("utf-8"))
-        return knobs_of(pipeline, autoencoder)
+        generator = json.loads((path / "generator" / "config.json").read_text("utf-8"))
+        return knobs_of(pipeline, autoencoder, generator)
     except (OSError, ValueError, KeyError) as e:  # ConfigError is a ValueError
         raise ModelError(f"Cannot read the model at {path}: {e}") from None
 

@@ -43,6 +43,11 @@ class GeneratorConfig:
     # With several objects that one vector is a blend of their clauses, so False leaves
     # the text to the attention alone (as PixArt-alpha's adaLN-single does).
     pooled_text: bool = False
+    # Set on a few-step student (`t2v train distill`): the classifier-free guidance scale
+    # of the teacher velocities it learned. Such a generator also takes the step size of
+    # its sampler (its output is the mean velocity over that step) and needs no second,
+    # unconditional pass; None = an ordinary velocity model.
+    distilled_guidance: float | None = None
 
     # Model folders saved before joint attention was removed store the text attention.
     REMOVED: ClassVar[dict[str, Any]] = {"text_attention": "cross"}
@@ -105,6 +110,10 @@ class LatentGenerator(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         if c.pooled_text:
             self.text_pool = nn.Linear(c.text_dim, d)
+        if c.distilled_guidance is not None:  # the step size, beside the time
+            self.step_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+            nn.init.zeros_(self.step_mlp[-1].weight)  # a student starts as its teacher
+            nn.init.zeros_(self.step_mlp[-1].bias)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if c.text_slots:
             self.slot_embed = nn.Parameter(torch.randn(c.text_slots, c.text_dim) * 0.1)
@@ -123,8 +132,11 @@ class LatentGenerator(nn.Module):
         t: torch.Tensor,
         text: TextEncoding,
         attention_maps: list[torch.Tensor] | None = None,
+        step: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, T, H, W) latents at flow time t (B,) -> velocity of the same shape.
+        """x: (B, C, T, H, W) latents at flow time t (B,) -> velocity of the same shape;
+        with ``distilled_guidance`` set, the mean velocity over a step of size ``step`` (B,)
+        from t towards 0 (the step is required then, and refused otherwise).
         attention_maps: a list that gets each block's cross-attention weights from the latent
         tokens (in (t, h, w) order) to the text tokens, averaged over heads: (B, N, L)."""
         c = self.config
@@ -143,6 +155,10 @@ class LatentGenerator(nn.Module):
             slot = self.slot_embed[slots.clamp(max=c.text_slots - 1)]
             text = text._replace(tokens=text.tokens + slot.to(text.tokens.dtype))
         cond = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
+        if (step is None) != (c.distilled_guidance is None):
+            raise ValueError("a step size goes with a distilled generator, and only with one")
+        if step is not None:
+            cond = cond + self.step_mlp(timestep_embedding(step, c.width).to(h.dtype))
         if c.pooled_text:
             cond = cond + self.text_pool(text.pooled.to(h.dtype))  # (B, D)
         mod = self.modulation(cond).unflatten(1, (6, c.width))  # (B, 6, D)
