@@ -1,5 +1,6 @@
 """Generation latency and memory on the CPU: batch 1 and 16, fp32 and bf16, split into text
-encoding / sampling / decoding; a steps x guidance trade-off; and one cold `t2v generate`.
+encoding / sampling / decoding; a steps x guidance trade-off (steps alone for a distilled
+model, whose guidance is fixed); and one cold `t2v generate`.
 
 The model is --model, else the bundled default model when it is installed, else a randomly
 initialised model of the recipe's sizes (configs/moving-shapes.yaml), which costs the same
@@ -29,6 +30,7 @@ from train import machine, recipe, trainer  # bench/train.py
 PROMPT = "a large red circle moving right"
 BATCHES, PRECISIONS = (1, 16), ("fp32", "bf16")
 STEPS, GUIDANCES = (4, 8, 12, 20, 30), (1.0, 2.0, 4.0, 6.0)
+STUDENT_STEPS = (1, 2, 4, 8, 20)  # a distilled model's guidance is inside it
 
 
 def load(model: Path | None, scratch: Path) -> tuple[TextToVideoPipeline, Path, str]:
@@ -126,6 +128,12 @@ def latency_table(pipe: TextToVideoPipeline, repeats: int) -> None:
 
 
 def tradeoff_table(pipe: TextToVideoPipeline, repeats: int) -> None:
+    if pipe.generator.config.distilled_guidance is not None:
+        print("\nSeconds per clip at batch 1, fp32, by sampling steps (guidance inside):\n")
+        print("| steps | s/clip |\n|---|---|")
+        for steps in STUDENT_STEPS:
+            print(f"| {steps} | {timed(pipe, 1, repeats, steps=steps)[0]:.3f} |", flush=True)
+        return
     print(
         "\nSeconds per clip at batch 1, fp32, by sampling steps (rows) and guidance "
         "(columns; 1 skips the unconditional pass):\n"

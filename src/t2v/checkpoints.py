@@ -22,6 +22,7 @@ from t2v import config as cfg
 from t2v.errors import UserError
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from t2v.models.build import build_pipeline
+from t2v.models.generator import LatentGenerator
 from t2v.outputs import check_dir, writing_dir
 from t2v.pipeline import TextToVideoPipeline
 from t2v.runtime import refuse_pickles
@@ -205,17 +206,28 @@ def trained_autoencoder(run_dir: Path) -> VideoAutoencoder:
     return ae
 
 
-def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """Write a generator checkpoint's EMA weights as a model folder, like the one the stage
-    writes at its end: the latest checkpoint, or the one of ``step``. ``out`` must be new,
-    empty or a model folder t2v wrote (see t2v.outputs)."""
+def export_checkpoint(
+    run_dir: str | Path, out: str | Path, step: int | None = None, stage: str = "generator"
+) -> Path:
+    """Write a generator or distill checkpoint's EMA weights as a model folder, like the one
+    the stage writes at its end: the latest checkpoint, or the one of ``step``. ``out`` must
+    be new, empty or a model folder t2v wrote (see t2v.outputs)."""
     run_dir, out = Path(run_dir), Path(out)
-    folder = run_dir / "generator"
+    folder = run_dir / stage
     if not (folder / "config.json").is_file():
-        raise TrainingError(f"No generator run at {run_dir}: {folder / 'config.json'} is missing.")
+        raise TrainingError(f"No {stage} run at {run_dir}: {folder / 'config.json'} is missing.")
     checkpoint = checkpoint_of(folder, step)
     check_dir(out, "model", MODEL_LAYOUT)
     c = cfg.load_json(TrainConfig, folder / "config.json")
+    if stage == "distill":  # the student's generator over its teacher's other components
+        teacher = TextToVideoPipeline.from_pretrained(c.distill.teacher, device="cpu")
+        gen = LatentGenerator(c.generator)
+        gen.load_state_dict(_prefixed(load_ema(checkpoint), "generator."))
+        pipe = TextToVideoPipeline(teacher.text_encoder, teacher.autoencoder, gen, c.pipeline)
+        with writing_dir(out, "model", MODEL_LAYOUT) as tmp:
+            pipe.save_pretrained(tmp)
+            save_vocabulary(tmp, c.data.source)
+        return out
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(folder / "tokenizer.json")

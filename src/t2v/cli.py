@@ -185,12 +185,14 @@ def _add_train(sub) -> None:
     p = _parser(
         sub,
         "train",
-        "Train the autoencoder or the generator stage.",
+        "Train the autoencoder, the generator or the distill stage.",
         "Train one stage of a model. Run `autoencoder` first, then `generator`; the "
         "generator stage also trains the text encoder (a frozen pretrained one stays as it "
-        "is) and writes the model folder RUN_DIR/model. Works unchanged under `torchrun`.",
+        "is) and writes the model folder RUN_DIR/model. `distill` then trains a few-step "
+        "student of that model (or of --init-from) with its guidance inside, and writes "
+        "RUN_DIR/student. Works unchanged under `torchrun`.",
     )
-    p.add_argument("stage", choices=("autoencoder", "generator"), help="what to train")
+    p.add_argument("stage", choices=("autoencoder", "generator", "distill"), help="what to train")
     p.add_argument(
         "--config",
         type=Path,
@@ -215,7 +217,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--init-from",
         metavar="MODEL_DIR",
-        help="start from a trained model folder (transfer learning)",
+        help="start from a trained model folder (transfer learning; for distill, the teacher)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_train)
@@ -239,10 +241,11 @@ def _add_export(sub) -> None:
     p = _parser(
         sub,
         "export",
-        "Write a generator checkpoint as a model folder.",
-        "Write the EMA weights of a generator checkpoint in RUN_DIR as a model folder, like "
-        "the RUN_DIR/model that the stage writes at its end; then `t2v eval --model` or "
-        "`t2v generate --model` can use any checkpoint the run kept.",
+        "Write a generator or distill checkpoint as a model folder.",
+        "Write the EMA weights of a generator (or, with --stage distill, a student) "
+        "checkpoint in RUN_DIR as a model folder, like the one that the stage writes at its "
+        "end; then `t2v eval --model` or `t2v generate --model` can use any checkpoint the "
+        "run kept.",
     )
     p.add_argument(
         "run_dir", metavar="RUN_DIR", type=Path, help="the run directory given to `t2v train`"
@@ -251,13 +254,19 @@ def _add_export(sub) -> None:
         "--step", type=int, default=None, help="the checkpoint's step (default: the latest)"
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="the model folder to write")
+    p.add_argument(
+        "--stage",
+        choices=("generator", "distill"),
+        default="generator",
+        help="whose checkpoint: the generator's, or the distilled student's",
+    )
     p.set_defaults(func=_export)
 
 
 def _export(a) -> None:
     from t2v.train import export_checkpoint
 
-    print(export_checkpoint(a.run_dir, a.output, a.step))
+    print(export_checkpoint(a.run_dir, a.output, a.step, a.stage))
 
 
 # --- generate ------------------------------------------------------------------------------

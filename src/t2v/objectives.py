@@ -1,5 +1,6 @@
 """Training objectives: the autoencoder's reconstruction loss, flow matching for the
-generator, and the attention loss that sends each latent token to its object's words.
+generator, the attention loss that sends each latent token to its object's words, and the
+distillation of a few-step student from a trained generator.
 
 An objective wraps the networks it trains and returns (loss, its logged terms); the trainer
 knows nothing of what the loss is.
@@ -59,6 +60,72 @@ class GeneratorObjective(nn.Module):
             "flow": loss.detach(),
             "attention": attention.detach(),
         }
+
+
+class DistillObjective(nn.Module):
+    """A few-step student with its teacher's guidance inside (Meng et al. 2023, "On
+    Distillation of Guided Diffusion Models"): for a step of size h = 1/n from a time on the
+    n-step grid, the student's mean velocity must match where the teacher's guided Euler
+    steps over that span lead (counts of at least ``config.steps``), or where two of the
+    student's own steps of h/2 lead (smaller counts: shortcut models, Frans et al. 2025).
+    Each batch trains one count, drawn by ``config.shares``. Starting points are noised
+    training latents, as in progressive distillation (Salimans & Ho 2022)."""
+
+    def __init__(
+        self,
+        student: LatentGenerator,
+        teacher: LatentGenerator,
+        text_encoder,
+        autoencoder: VideoAutoencoder,
+        config,  # t2v.train_config.DistillConfig
+        teacher_steps: int,
+    ):
+        super().__init__()
+        self.generator, self.text_encoder, self.config = student, text_encoder, config
+        # Frozen, so not submodules: neither trained nor averaged nor checkpointed.
+        self._frozen = [autoencoder.requires_grad_(False).eval(), teacher.requires_grad_(False)]
+        self.teacher_steps = teacher_steps
+        self.guidance = student.config.distilled_guidance
+
+    def forward(self, clips: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, dict]:
+        c = self.config
+        with torch.no_grad():
+            z = self._frozen[0].encode(clips).float()
+        b = len(z)
+        n = c.step_counts[int(torch.multinomial(torch.tensor(c.shares), 1))]
+        t = torch.randint(1, n + 1, (b,)).float().to(z.device) / n  # a time of the n-grid
+        h = torch.full_like(t, 1.0 / n)
+        tt = t.view(-1, 1, 1, 1, 1)
+        x = (1 - tt) * z + tt * torch.randn_like(z)
+        text = self.text_encoder(captions)
+        with torch.no_grad():
+            if n >= c.steps:
+                substeps = max(1, round(self.teacher_steps / n))
+                target = self._teacher_path(x, t, h, substeps, captions)
+            else:
+                target = self._two_half_steps(x, t, h, text)
+        loss = (self.generator(x, t, text, step=h).float() - target).square().mean()
+        return loss, {f"steps_{n}": loss.detach()}
+
+    def _teacher_path(self, x, t, h, substeps: int, captions: list[str]) -> torch.Tensor:
+        """The mean velocity of ``substeps`` guided Euler steps of the teacher over h."""
+        teacher, g = self._frozen[1], self.guidance
+        both = self.text_encoder(list(captions) + [""] * len(captions))
+        dt = (h / substeps).view(-1, 1, 1, 1, 1)
+        y = x
+        for j in range(substeps):
+            tj = t - j * h / substeps
+            v_cond, v_neg = teacher(torch.cat([y, y]), torch.cat([tj, tj]), both).float().chunk(2)
+            y = y - dt * (v_neg + g * (v_cond - v_neg))
+        return (x - y) / h.view(-1, 1, 1, 1, 1)
+
+    def _two_half_steps(self, x, t, h, text) -> torch.Tensor:
+        """The mean velocity of two of the student's own steps of h / 2."""
+        half = h / 2
+        u1 = self.generator(x, t, text, step=half).float()
+        y = x - half.view(-1, 1, 1, 1, 1) * u1
+        u2 = self.generator(y, t - half, text, step=half).float()
+        return (u1 + u2) / 2
 
 
 def token_coverage(boxes: torch.Tensor, grid: tuple[int, int, int], size: int) -> torch.Tensor:

@@ -33,12 +33,17 @@ from t2v.checkpoints import (
     export_checkpoint,
 )
 from t2v.models.autoencoder import VideoAutoencoder, psnr
-from t2v.objectives import AutoencoderObjective, GeneratorObjective
+from t2v.objectives import AutoencoderObjective, DistillObjective, GeneratorObjective
 from t2v.pipeline import TextToVideoPipeline, save_component
 from t2v.runtime import autocast, resolve_device
 from t2v.sources import ClipSource, open_source, save_vocabulary
 from t2v.train_config import STAGES, StageConfig, TrainConfig
-from t2v.train_stages import attention_loss_runs, build_autoencoder, build_generator
+from t2v.train_stages import (
+    attention_loss_runs,
+    build_autoencoder,
+    build_generator,
+    build_student,
+)
 from t2v.video import to_model_tensor, to_uint8_clips
 
 __all__ = ["STAGES", "TrainConfig", "Trainer", "TrainingError", "export_checkpoint", "train"]
@@ -147,6 +152,20 @@ class Trainer:
             ae, self.config = build_autoencoder(config, self.source, init_from, self._say)
             self.model = AutoencoderObjective(ae)
             self.ae_config = ae.config
+        elif stage == "distill":
+            p, teacher, teacher_steps, self.config = build_student(config, init_from, self._say)
+            self.pipeline = p
+            p.autoencoder.to(self.device)  # frozen, so not submodules: .to() below misses them
+            teacher.to(self.device)
+            self.model = DistillObjective(
+                p.generator,
+                teacher,
+                p.text_encoder,
+                p.autoencoder,
+                self.config.distill,
+                teacher_steps,
+            )
+            self.ae_config = p.autoencoder.config
         else:
             p, self.config = build_generator(
                 config, self.source, init_from, self.out, self.dist.main
@@ -354,7 +373,8 @@ class Trainer:
             folder = self.out / "final"
             save_component(ae, ae.config, folder)
         else:
-            folder = self._ema_pipeline().save_pretrained(Path(self.config.run_dir) / "model")
+            name = "student" if self.stage_name == "distill" else "model"
+            folder = self._ema_pipeline().save_pretrained(Path(self.config.run_dir) / name)
             save_vocabulary(folder, self.config.data.source)
             metrics = {"steps": self.step}
         metrics["nonfinite_steps"] = self.nonfinite_total

@@ -14,7 +14,7 @@ from t2v.models.text_encoders import TextEncoderConfig
 from t2v.pipeline_config import PipelineConfig
 from t2v.shapes import TWO_OBJECT_SHARE
 
-STAGES = ("autoencoder", "generator")
+STAGES = ("autoencoder", "generator", "distill")
 
 
 @dataclass
@@ -61,6 +61,33 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Stage "distill": a few-step student of a trained model, with its guidance inside."""
+
+    teacher: str = ""  # the teacher's model folder; "" = the run's own RUN_DIR/model
+    steps: int = 4  # the student's default number of steps (its pipeline.json)
+    # The step counts the student learns and each one's share of the batches. A count of
+    # at least `steps` learns from the teacher's own path (its Euler steps with guidance);
+    # a smaller one from two of the student's own steps of half the size (Frans et al.
+    # 2025, "One Step Diffusion via Shortcut Models"), so each needs its double listed.
+    step_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 20])
+    shares: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.45, 0.15, 0.15])
+
+    def validate(self) -> None:
+        counts = self.step_counts
+        if len(counts) != len(self.shares) or not counts or min(self.shares) < 0:
+            raise ValueError("distill.step_counts and distill.shares must pair up, shares >= 0")
+        if self.steps not in counts or min(counts) < 1:
+            raise ValueError(f"distill.step_counts must include distill.steps ({self.steps})")
+        for n in counts:
+            if n < self.steps and 2 * n not in counts:
+                raise ValueError(
+                    f"distill.step_counts has {n} below distill.steps, so it learns from two "
+                    f"steps of {2 * n}, which must be listed too"
+                )
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/t2v"
     seed: int = 0
@@ -71,6 +98,7 @@ class TrainConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
 
     def validate(self) -> None:

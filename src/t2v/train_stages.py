@@ -14,6 +14,7 @@ from pathlib import Path
 from t2v.checkpoints import trained_autoencoder
 from t2v.models.autoencoder import VideoAutoencoder
 from t2v.models.build import build_pipeline
+from t2v.models.generator import LatentGenerator
 from t2v.pipeline import TextToVideoPipeline
 from t2v.sources import ClipSource
 from t2v.text import Tokenizer
@@ -60,6 +61,50 @@ def build_generator(
         generator=pipe.generator.config,
     )
     return pipe, resolved
+
+
+def build_student(
+    config: TrainConfig, init_from: str | None, say: Callable[[str], None]
+) -> tuple[TextToVideoPipeline, LatentGenerator, int, TrainConfig]:
+    """The student pipeline of stage "distill", its frozen teacher generator and the
+    teacher's number of sampling steps (the grid of its path): the teacher
+    folder's components, with a generator that also takes the step size, starting from the
+    teacher's weights (its step embedding starts at zero, so it starts as the teacher)."""
+    from t2v.checkpoints import TrainingError
+
+    folder = init_from or config.distill.teacher or str(Path(config.run_dir) / "model")
+    if not (Path(folder) / "pipeline.json").is_file():
+        raise TrainingError(
+            f"No teacher model at {folder}; train the generator stage first, or name one "
+            "with distill.teacher or --init-from."
+        )
+    pipe = TextToVideoPipeline.from_pretrained(folder, device="cpu")
+    teacher = pipe.generator
+    if teacher.config.distilled_guidance is not None:
+        raise TrainingError(f"{folder} is already a distilled model; distil its teacher.")
+    if pipe.config.sampler != "euler":
+        say(f"the teacher samples with {pipe.config.sampler}; its path is taken with Euler")
+    gen_cfg = replace(teacher.config, distilled_guidance=pipe.config.guidance, cond_dropout=0.0)
+    student = LatentGenerator(gen_cfg)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("step_mlp.") for k in missing):
+        raise TrainingError(f"The teacher's generator does not fit the student: {missing}")
+    pipe_cfg = replace(pipe.config, steps=config.distill.steps, sampler="shortcut")
+    say(
+        f"distilling {folder} ({pipe.config.steps} steps, guidance {pipe.config.guidance:g}) "
+        f"into {config.distill.steps} steps"
+    )
+    student_pipe = TextToVideoPipeline(pipe.text_encoder, pipe.autoencoder, student, pipe_cfg)
+    student_pipe.rewriter = pipe.rewriter
+    resolved = replace(
+        config,
+        text_encoder=pipe.text_encoder.config,
+        autoencoder=pipe.autoencoder.config,
+        generator=gen_cfg,
+        pipeline=pipe_cfg,
+        distill=replace(config.distill, teacher=str(folder)),
+    )
+    return student_pipe, teacher, pipe.config.steps, resolved
 
 
 def fit_tokenizer(out: Path, source: ClipSource, count: int, main: bool) -> Tokenizer:
