@@ -100,6 +100,33 @@ def test_the_shortcut_sampler_of_a_step_blind_model_is_euler():
 # --- the stage ------------------------------------------------------------------------------
 
 
+def test_the_default_counts_targets_chain_into_the_teachers_own_sampler():
+    """Cut into 2 steps of 2 guided Euler steps each, the teacher's path from a noise ends
+    where its 4-step sampler does: the student of 2 steps learns exactly what it replaces."""
+    from t2v.objectives import DistillObjective
+
+    teacher = build_tiny_pipeline()
+    student = student_of(teacher)
+    config = DistillConfig(steps=2, step_counts=[1, 2], shares=[0.0, 1.0])
+    objective = DistillObjective(
+        student.generator,
+        teacher.generator,
+        teacher.text_encoder,
+        teacher.autoencoder,
+        config,
+        teacher_steps=4,
+    )
+    noise = torch.randn(len(PROMPTS), *teacher.autoencoder.config.latent_shape)
+    x, times, target = objective.path_points(noise, PROMPTS, 2)
+    assert times.tolist() == [1.0, 1.0, 0.5, 0.5]
+    assert torch.equal(x[:2], noise)
+    end = noise - 0.5 * target[:2] - 0.5 * target[2:]
+    with torch.no_grad():
+        assert torch.allclose(end, guided_latents(teacher, noise, 4), atol=1e-5)
+    loss, parts = objective(torch.zeros(4, 3, 16, 64, 64), PROMPTS * 2)
+    assert set(parts) == {"steps_2"} and loss > 0
+
+
 def distill_recipe(tmp_path, teacher, **distill) -> str:
     data = {k: v for k, v in TINY_TRAIN.items() if k != "data"}
     data |= {

@@ -68,8 +68,11 @@ class DistillObjective(nn.Module):
     n-step grid, the student's mean velocity must match where the teacher's guided Euler
     steps over that span lead (counts of at least ``config.steps``), or where two of the
     student's own steps of h/2 lead (smaller counts: shortcut models, Frans et al. 2025).
-    Each batch trains one count, drawn by ``config.shares``. Starting points are noised
-    training latents, as in progressive distillation (Salimans & Ho 2022)."""
+    Each batch trains one count, drawn by ``config.shares``. Batches of the default count
+    (``config.steps``) start where its sampler will: on the teacher's guided path from noise
+    (``config.path_starts``; one path gives a start and a target for each of its steps).
+    The other counts start from noised training latents, as progressive distillation does
+    (Salimans & Ho 2022)."""
 
     def __init__(
         self,
@@ -89,10 +92,12 @@ class DistillObjective(nn.Module):
 
     def forward(self, clips: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, dict]:
         c = self.config
+        n = c.step_counts[int(torch.multinomial(torch.tensor(c.shares), 1))]
+        if n == c.steps and c.path_starts and len(captions) >= n:
+            return self._on_path(clips, captions, n)
         with torch.no_grad():
             z = self._frozen[0].encode(clips).float()
         b = len(z)
-        n = c.step_counts[int(torch.multinomial(torch.tensor(c.shares), 1))]
         t = torch.randint(1, n + 1, (b,)).float().to(z.device) / n  # a time of the n-grid
         h = torch.full_like(t, 1.0 / n)
         tt = t.view(-1, 1, 1, 1, 1)
@@ -101,16 +106,46 @@ class DistillObjective(nn.Module):
         with torch.no_grad():
             if n >= c.steps:
                 substeps = max(1, round(self.teacher_steps / n))
-                target = self._teacher_path(x, t, h, substeps, captions)
+                both = self.text_encoder(list(captions) + [""] * len(captions))
+                target = self._teacher_path(x, t, h, substeps, both)
             else:
                 target = self._two_half_steps(x, t, h, text)
         loss = (self.generator(x, t, text, step=h).float() - target).square().mean()
         return loss, {f"steps_{n}": loss.detach()}
 
-    def _teacher_path(self, x, t, h, substeps: int, captions: list[str]) -> torch.Tensor:
-        """The mean velocity of ``substeps`` guided Euler steps of the teacher over h."""
+    def _on_path(self, clips, captions: list[str], n: int) -> tuple[torch.Tensor, dict]:
+        """A batch of start points on the teacher's guided paths from noise: len // n paths,
+        each cut into n steps, whose mean velocities are the targets."""
+        prompts = list(captions[: len(captions) // n])
+        noise = torch.randn(len(prompts), *self._frozen[0].config.latent_shape)
+        x, times, target = self.path_points(noise.to(clips.device), prompts, n)
+        text = self.text_encoder(prompts * n)
+        u = self.generator(x, times, text, step=torch.full_like(times, 1.0 / n)).float()
+        loss = (u - target).square().mean()
+        return loss, {f"steps_{n}": loss.detach()}
+
+    @torch.no_grad()
+    def path_points(self, noise: torch.Tensor, prompts: list[str], n: int):
+        """The teacher's guided paths from ``noise`` (k, ...) for ``prompts`` cut into n steps:
+        each step's start and time, and its mean velocity, step-major: (n * k, ...)."""
+        k = len(prompts)
+        t = torch.ones(k, device=noise.device)
+        h = torch.full_like(t, 1.0 / n)
+        substeps = max(1, round(self.teacher_steps / n))
+        both = self.text_encoder(prompts + [""] * k)
+        x, starts, targets = noise, [], []
+        for i in range(n):
+            u = self._teacher_path(x, t - i * h, h, substeps, both)
+            starts.append(x)
+            targets.append(u)
+            x = x - h.view(-1, 1, 1, 1, 1) * u
+        times = torch.cat([t - i * h for i in range(n)])
+        return torch.cat(starts), times, torch.cat(targets)
+
+    def _teacher_path(self, x, t, h, substeps: int, both) -> torch.Tensor:
+        """The mean velocity of ``substeps`` guided Euler steps of the teacher over h;
+        ``both``: the text of the captions, then of as many empty prompts."""
         teacher, g = self._frozen[1], self.guidance
-        both = self.text_encoder(list(captions) + [""] * len(captions))
         dt = (h / substeps).view(-1, 1, 1, 1, 1)
         y = x
         for j in range(substeps):
