@@ -169,6 +169,9 @@ def test_the_distill_stage_brings_a_two_step_student_to_its_teachers_four_steps(
     folder = tmp_path / "run" / "student"
     student = TextToVideoPipeline.from_pretrained(folder, device="cpu")
     assert student.config.sampler == "shortcut" and student.config.steps == 2
+    assert student.knobs.steps.hi == 4  # its largest trained count
+    with pytest.raises(UserError, match="steps must be a whole number from 1 to 4, not 5"):
+        student.resolve(GenerationRequest(PROMPTS[0], steps=5))
     assert student.generator.config.distilled_guidance == teacher.config.guidance
     assert (folder / "tokenizer.json").read_text() == (
         tiny_model_dir / "tokenizer.json"

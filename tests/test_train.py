@@ -699,7 +699,7 @@ def test_the_config_defaults_are_the_shipped_recipe_and_model():
 
     recipe_config = cfg.load(TrainConfig, Path(__file__).parents[1] / "configs/moving-shapes.yaml")
     defaults = TrainConfig()
-    for part in ("autoencoder", "text_encoder", "generator", "pipeline"):
+    for part in ("autoencoder", "text_encoder", "generator", "pipeline", "distill"):
         assert getattr(recipe_config, part) == getattr(defaults, part), part
     shipped = DEFAULT_MODEL_DIR
     assert (

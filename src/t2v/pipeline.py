@@ -43,6 +43,8 @@ from t2v.pipeline_config import (
     PipelineConfig,
     distilled_guidance,
     knobs_of,
+    model_folder,
+    model_id,
 )
 from t2v.rewrite import Rewriter
 from t2v.runtime import (
@@ -134,11 +136,12 @@ class TextToVideoPipeline:
         precision: str = "fp32",
         offload: str = "none",
     ) -> TextToVideoPipeline:
-        """Load a t2v model folder (None: the bundled model). A diffusers folder (with
+        """Load a t2v model folder (None: the bundled model; a bundled model's name, see
+        `t2v.pipeline_config.BUNDLED_MODELS`, is that model). A diffusers folder (with
         model_index.json) is handed to `t2v.backends.load_model`, which returns a
         `VideoModel` of its own kind. ``offload`` exists for the diffusers backend's sake; a
         t2v model is small, so only "none" is taken."""
-        path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        path = model_folder(path)
         if (path / "model_index.json").is_file() and not (path / "pipeline.json").is_file():
             from t2v.backends import load_model
 
@@ -170,7 +173,7 @@ class TextToVideoPipeline:
         _load_weights(autoencoder, path / "autoencoder")
         _load_weights(generator, path / "generator")
         info = ModelInfo(
-            id="t2v-moving-shapes" if path == DEFAULT_MODEL_DIR else path.name,
+            id=model_id(path),
             kind="t2v",
             description=DESCRIPTION,
             extra={"path": str(path), "precision": precision},
@@ -296,9 +299,10 @@ class TextToVideoPipeline:
     def _check_params(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
         steps = self.config.steps if steps is None else steps
         guidance = self.config.guidance if guidance is None else guidance
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}.")
-        return steps, self.knobs.guidance.check("guidance", guidance)
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise UserError(f"steps must be a whole number, not {steps!r}.")
+        knobs = self.knobs
+        return knobs.steps.check("steps", steps), knobs.guidance.check("guidance", guidance)
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """One noise tensor per seed, drawn on the CPU so every device starts alike."""

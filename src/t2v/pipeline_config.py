@@ -15,7 +15,27 @@ from t2v.model import MAX_FPS, MAX_GUIDANCE, MAX_STEPS, MIN_FPS, FloatRange, Int
 from t2v.text import DEFAULT_MAX_CHARS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+TEACHER_MODEL_DIR = Path(__file__).parent / "teacher_model"
+# The bundled models by the names --model takes besides a folder; each is served as t2v-NAME.
+BUNDLED_MODELS = {"moving-shapes": DEFAULT_MODEL_DIR, "moving-shapes-teacher": TEACHER_MODEL_DIR}
 FORMAT_VERSION = 1  # of a t2v model folder; a folder of a newer format is refused
+
+
+def model_folder(path: str | Path | None) -> Path:
+    """The folder ``path`` names: the bundled default for None, a bundled model for its name
+    (when no folder of that name is here), else ``path`` itself."""
+    if path is None:
+        return DEFAULT_MODEL_DIR
+    if str(path) in BUNDLED_MODELS and not Path(path).exists():
+        return BUNDLED_MODELS[str(path)]
+    return Path(path).expanduser()
+
+
+def model_id(folder: Path) -> str:
+    """The id a model is served and reported as: t2v-NAME for a bundled one, else the
+    folder's name."""
+    names = {path: name for name, path in BUNDLED_MODELS.items()}
+    return f"t2v-{names[folder]}" if folder in names else folder.name
 
 
 @dataclass
@@ -25,11 +45,16 @@ class PipelineConfig:
     # "shortcut" samples a distilled generator (few steps, guidance inside), and only one.
     sampler: Literal["euler", "heun", "shortcut"] = "euler"
     shift: float = 1.0  # time-grid shift, see t2v.flow.time_grid
+    # The most steps it takes: a distilled student's largest trained count (see t2v train
+    # distill); a velocity model takes up to t2v.model.MAX_STEPS.
+    max_steps: int = MAX_STEPS
     fps: float = 8.0
     max_prompt_chars: int = DEFAULT_MAX_CHARS
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
+        if not 1 <= self.steps <= self.max_steps <= MAX_STEPS:
+            raise ValueError(f"steps must be 1 to max_steps, and max_steps at most {MAX_STEPS}")
         if self.format_version > FORMAT_VERSION:
             raise cfg.ConfigError(
                 f"format_version {self.format_version} is newer than this t2v reads "
@@ -61,7 +86,7 @@ def knobs_of(pipeline: PipelineConfig, autoencoder: dict, generator: dict) -> Kn
     frames, size = int(autoencoder["frames"]), int(autoencoder["size"])
     baked = distilled_guidance(pipeline, generator)
     return Knobs(
-        steps=IntRange(pipeline.steps, 1, MAX_STEPS),
+        steps=IntRange(pipeline.steps, 1, pipeline.max_steps),
         guidance=(
             FloatRange(pipeline.guidance, 0.0, MAX_GUIDANCE)
             if baked is None

@@ -70,8 +70,8 @@ class DistillConfig:
     # at least `steps` learns from the teacher's own path (its Euler steps with guidance);
     # a smaller one from two of the student's own steps of half the size (Frans et al.
     # 2025, "One Step Diffusion via Shortcut Models"), so each needs its double listed.
-    step_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 20])
-    shares: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.45, 0.15, 0.15])
+    step_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    shares: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.75, 0.1])
     # Batches of `steps` start on the teacher's guided paths from noise, where the student's
     # sampler will be; False: on noised training latents, like the other counts.
     path_starts: bool = True

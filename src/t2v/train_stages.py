@@ -89,7 +89,12 @@ def build_student(
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("step_mlp.") for k in missing):
         raise TrainingError(f"The teacher's generator does not fit the student: {missing}")
-    pipe_cfg = replace(pipe.config, steps=config.distill.steps, sampler="shortcut")
+    pipe_cfg = replace(
+        pipe.config,
+        steps=config.distill.steps,
+        max_steps=max(config.distill.step_counts),
+        sampler="shortcut",
+    )
     say(
         f"distilling {folder} ({pipe.config.steps} steps, guidance {pipe.config.guidance:g}) "
         f"into {config.distill.steps} steps"
