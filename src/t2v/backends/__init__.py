@@ -3,7 +3,8 @@
 - a folder with ``pipeline.json`` is a t2v model (`t2v.pipeline.TextToVideoPipeline`);
 - a folder with ``model_index.json`` is a diffusers text-to-video model
   (`t2v.backends.diffusers`, needs ``pip install "t2v[diffusers]"``);
-- ``None`` is the bundled model.
+- ``None`` is the bundled model, and a bundled model's name (``moving-shapes``,
+  ``moving-shapes-teacher``) is that model.
 
 Both kinds implement `t2v.model.VideoModel`, so no caller branches on which it holds.
 """
@@ -20,11 +21,9 @@ __all__ = ["kind_of", "load_model", "read_knobs"]
 
 
 def _folder(path: str | Path | None) -> Path:
-    if path is None:
-        from t2v.pipeline_config import DEFAULT_MODEL_DIR
+    from t2v.pipeline_config import model_folder
 
-        return DEFAULT_MODEL_DIR
-    path = Path(path).expanduser()
+    path = model_folder(path)
     if not path.is_dir():
         raise ModelError(f"No model folder at {path}; give the folder that holds the model.")
     return path

@@ -109,11 +109,10 @@ def create_app(config: ServeConfig, model: VideoModel | None = None, on_fatal=la
         knobs, info = model.knobs, model.info
     else:
         from t2v.backends import read_knobs
-        from t2v.pipeline_config import DEFAULT_MODEL_DIR
+        from t2v.pipeline_config import model_folder, model_id
 
         knobs = read_knobs(config.model_dir)
-        bundled = config.model_dir in (None, DEFAULT_MODEL_DIR)  # named as load_model names it
-        name = "t2v-moving-shapes" if bundled else config.model_dir.name
+        name = model_id(model_folder(config.model_dir))  # as load_model names it
         info = ModelInfo(id=name, kind="", description="Loading.")
     content_filter = ContentFilter.from_file(config.blocklist)
     with data_dir_errors(config.data_dir):

@@ -54,8 +54,9 @@ def register_cli(subparsers) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="model directory that this node's workers run (default: the model bundled with "
-        "t2v); not with --workers 0, whose models are those `t2v worker` processes serve",
+        help="model directory that this node's workers run, or a bundled model's name: "
+        "moving-shapes (the default) or moving-shapes-teacher; not with --workers 0, whose "
+        "models are those `t2v worker` processes serve",
     )
     serve.add_argument(
         "--default-model",

@@ -242,7 +242,8 @@ def register_cli(subparsers, data_dir_option) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="the model folder this worker serves (default: the model bundled with t2v)",
+        help="the model folder this worker serves, or a bundled model's name: moving-shapes "
+        "(the default) or moving-shapes-teacher",
     )
     data_dir_option(worker)
     add_run_options(worker)
