@@ -285,3 +285,110 @@ def test_one_nearest_value_is_named_in_the_singular():
         UserError, match=r"takes 32 to 1280 in multiples of 16; the nearest is 1280\.$"
     ):
         IntRange(480, 32, 1280, 16).check("width", 2000)
+
+
+# --- prompts longer than the text encoder reads -------------------------------------------
+
+SHORT_WORDS = "a dog on the sky".split()  # one token each in tests/tiny_diffusers.py
+
+
+def words(n: int) -> str:
+    """A prompt of ``n`` one-token words: n + 1 tokens with T5's end token."""
+    return " ".join(SHORT_WORDS[i % len(SHORT_WORDS)] for i in range(n))
+
+
+def test_each_kind_states_how_many_tokens_its_text_encoder_reads(models):
+    # Wan and LTX-Video: their call's max_sequence_length; CogVideoX: its transformer's.
+    reads = {kind: model._prompt_tokens for kind, model in models.items()}
+    assert reads == {"wan": 512, "ltx": 128, "cogvideox": 16}
+
+
+@pytest.mark.parametrize("kind", ["ltx", "cogvideox"])
+def test_the_warning_comes_exactly_when_diffusers_truncates_the_prompt(models, kind, monkeypatch):
+    """diffusers logs (and only logs) the words it cuts; t2v warns for the same lengths and
+    names the same words."""
+    model = models[kind]
+    limit = model._prompt_tokens
+    logged: list[str] = []
+    module = inspect.getmodule(type(model.pipe))
+    monkeypatch.setattr(module.logger, "warning", lambda message, *args: logged.append(message))
+    for n in range(limit - 3, limit + 3):
+        logged.clear()
+        model.pipe._get_t5_prompt_embeds(words(n), max_sequence_length=limit, device="cpu")
+        warnings = model.resolve(GenerationRequest(words(n))).warnings
+        assert len(warnings) == len(logged) == (n + 1 > limit), (n, warnings, logged)
+    ignored = words(limit + 2).split()[limit - 1 :]  # the end token takes one of the places
+    assert warnings == (
+        f"The prompt is {limit + 3} tokens and this model reads the first {limit}, so it "
+        f"ignores '{' '.join(ignored)}'.",
+    )
+    assert logged[0].endswith(f"{[' '.join(ignored)]}")  # diffusers names the same words
+
+
+def test_a_prompt_at_the_limit_or_shorter_is_not_warned(models):
+    cog = models["cogvideox"]
+    assert cog.resolve(GenerationRequest(words(15))).warnings == ()  # 16 tokens: all read
+    assert cog.resolve(GenerationRequest(PROMPT)).warnings == ()
+    assert cog.resolve(GenerationRequest(words(16))).warnings == (  # 17: the last is cut
+        "The prompt is 17 tokens and this model reads the first 16, so it ignores 'a'.",
+    )
+
+
+def test_wan_counts_the_prompt_as_its_pipeline_cleans_it(models, monkeypatch):
+    """Wan unescapes HTML entities before tokenizing ("&amp;" is "&", one unknown letter);
+    its limit of 512 is beyond 500 characters of the tiny vocabulary, so it is lowered."""
+    model = models["wan"]
+    monkeypatch.setattr(model, "_prompt_tokens", 8)
+    assert model.resolve(GenerationRequest("a dog &amp; a cat")).warnings == ()  # 7 tokens
+    [warning] = model.resolve(GenerationRequest("a dog &amp; a cat on the sky")).warnings
+    assert warning == (
+        "The prompt is 10 tokens and this model reads the first 8, so it ignores 'the sky'."
+    )
+
+
+def test_the_negative_prompt_is_warned_separately(models):
+    cog = models["cogvideox"]
+    only = cog.resolve(GenerationRequest(PROMPT, negative_prompt=words(20))).warnings
+    assert only == (
+        "The negative prompt is 21 tokens and this model reads the first 16, so it ignores "
+        f"'{' '.join(words(20).split()[15:])}'.",
+    )
+    both = cog.resolve(GenerationRequest(words(20), negative_prompt=words(17))).warnings
+    assert [w.split(" is ")[0] for w in both] == ["The prompt", "The negative prompt"]
+    assert cog.resolve(GenerationRequest(words(20), negative_prompt=PROMPT)).warnings[0] == (
+        only[0].replace("negative prompt", "prompt")
+    )
+
+
+def test_a_request_is_warned_once_however_often_it_is_resolved(models):
+    cog = models["cogvideox"]
+    once = cog.resolve(GenerationRequest(words(20)))
+    assert cog.resolve(once) == once and len(once.warnings) == 1
+    # A server may check a request with the knobs alone; the model's resolve then warns.
+    checked = cog.knobs.resolve(GenerationRequest(words(20)))
+    assert checked.resolved and checked.warnings == ()
+    assert cog.resolve(checked).warnings == once.warnings
+
+
+def test_a_long_ignored_tail_is_shortened_and_quoted_as_typed(models):
+    """The tail is cut at a word and quoted from the prompt itself, letters the vocabulary
+    lacks included (the tiny T5 reads each as one token)."""
+    prompt = words(15) + " " + " ".join(["Zebra-crossing xylophones"] * 12)
+    [warning] = models["cogvideox"].resolve(GenerationRequest(prompt)).warnings
+    assert warning.startswith("The prompt is ")
+    assert warning.endswith(
+        "reads the first 16, so it ignores 'Zebra-crossing xylophones Zebra-crossing "
+        "xylophones Zebra-crossing xylophones ...'."
+    )
+    assert len(warning) < 200
+
+
+def test_the_cli_prints_the_warning(tiny_diffusers, tmp_path, capsys):
+    from t2v.cli import main
+
+    argv = ["generate", words(20), "--model", tiny_diffusers["cogvideox"], "--steps", 1]
+    argv += ["--frames", 9, "--width", 16, "--height", 32, "-o", tmp_path / "clip.mp4"]
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert "t2v: warning: The prompt is 21 tokens and this model reads the first 16, so it " in err
+    assert (tmp_path / "clip.mp4").is_file()

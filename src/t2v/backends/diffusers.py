@@ -22,7 +22,7 @@ import json
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from t2v.model import (
@@ -52,6 +52,7 @@ from t2v.runtime import (
 INSTALL = 'pip install "t2v[diffusers]"'
 LIBRARIES = ("diffusers", "transformers")
 MAX_SIZE = 1280  # pixels a side: what the tested models were trained up to
+TAIL_CHARS = 80  # of the ignored words a warning quotes
 # The arguments of the diffusers text-to-video call that t2v drives.
 CALL = ("prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")
 CALL += ("generator", "output_type", "callback_on_step_end")
@@ -260,6 +261,14 @@ class DiffusersModel:
         self._text_length = getattr(
             getattr(transformer, "config", None), "max_text_seq_length", None
         )
+        # The tokens its T5 text encoder reads: the call's max_sequence_length (CogVideoX's
+        # transformer length, which generate passes); longer prompts lose their tail.
+        reads = params.get("max_sequence_length")
+        limit = self._text_length or (reads.default if reads is not None else None)
+        t5 = hasattr(pipe, "_get_t5_prompt_embeds") and getattr(pipe, "tokenizer", None) is not None
+        self._prompt_tokens = limit if t5 and isinstance(limit, int) else None  # None: no warning
+        # Wan cleans a prompt (ftfy, HTML entities, spaces) before tokenizing it.
+        self._clean = getattr(inspect.getmodule(type(pipe)), "prompt_clean", None)
 
     @classmethod
     def from_folder(
@@ -313,7 +322,51 @@ class DiffusersModel:
         return cls(pipe, info, knobs, target)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        return self.knobs.resolve(request)
+        """See `t2v.model.VideoModel.resolve`; a prompt longer than the text encoder reads
+        gets a warning naming the words it ignores (added once: a request resolved by knobs
+        alone, as a server may, gets it here; one resolved here is not warned again)."""
+        request = self.knobs.resolve(request)
+        found = [
+            self._cut_warning(what, text)
+            for what, text in (
+                ("prompt", request.prompt),
+                ("negative prompt", request.negative_prompt),
+            )
+        ]
+        new = tuple(w for w in found if w is not None and w not in request.warnings)
+        return replace(request, warnings=request.warnings + new) if new else request
+
+    def _cut_warning(self, what: str, text: str | None) -> str | None:
+        """A sentence if ``text`` has more tokens than the model reads, else None. Tokens are
+        counted as diffusers' ``_get_t5_prompt_embeds`` counts them (the end token included),
+        so this warns exactly when diffusers truncates."""
+        limit = self._prompt_tokens
+        if not text or limit is None:
+            return None
+        tokenizer = self.pipe.tokenizer
+        text = self._clean(text) if self._clean is not None else text
+        full = tokenizer(text, add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
+        ids = full["input_ids"]
+        if len(ids) <= limit:
+            return None
+        kept = tokenizer(text, add_special_tokens=True, max_length=limit, truncation=True)
+        kept = kept["input_ids"]
+        first = 0  # the first token cut: where the kept ids (ending in any end token) part
+        while first < len(kept) and ids[first] == kept[first]:
+            first += 1
+        if tokenizer.is_fast:  # the words as typed, from where the first dropped token starts
+            tail = text[full["offset_mapping"][first][0] :]
+        else:
+            tail = tokenizer.decode(
+                ids[first : first + len(ids) - len(kept)], skip_special_tokens=True
+            )
+        tail = tail.strip()
+        if len(tail) > TAIL_CHARS:
+            tail = tail[:TAIL_CHARS].rsplit(" ", 1)[0] + " ..."
+        return (
+            f"The {what} is {len(ids)} tokens and this model reads the first {limit}, so it "
+            f"ignores '{tail}'."
+        )
 
     def generate(
         self,
