@@ -343,3 +343,21 @@ def test_the_server_loads_the_folder_itself_and_maps_seconds_to_its_frames(
         assert decoded(client.get(job["content_url"]).content) == (frames, 32, 32)
         (model,) = client.get("/v1/models").json()["data"]
         assert model["ready"] and model["kind"].endswith("Pipeline"), model
+
+
+def test_the_api_returns_the_warning_of_a_prompt_longer_than_the_model_reads(
+    tmp_path, tiny_diffusers
+):
+    """The tiny CogVideoX reads 16 tokens. Whether the node checks the request with the loaded
+    model or, while it loads, with its knobs alone, the job carries the warning once."""
+    folder = tiny_diffusers["cogvideox"]
+    config = ServeConfig(data_dir=tmp_path / "data", model_dir=folder, device="cpu", rate_limit=0)
+    with TestClient(create_app(config), base_url=BASE) as client:
+        body = {"prompt": " ".join(["a dog on the sky"] * 4), "size": "16x32", "steps": 1}
+        body["frames"] = 9
+        job = finished(client, client.post("/v1/videos", json=body).json()["id"])
+        assert job["status"] == "completed", job
+        assert job["warnings"] == [
+            "The prompt is 21 tokens and this model reads the first 16, so it ignores "
+            "'a dog on the sky'."
+        ]
