@@ -12,7 +12,9 @@ and sizes in multiples of 16; LTX-Video 8k+1 frames and sizes in multiples of 32
 CogVideoX 8k+1 frames (an odd number of latent frames, which its VAE decodes exactly) and
 sizes in multiples of 16. The factors come from the folder's VAE
 and transformer configs, so a smaller model gets its own. Other diffusers text-to-video
-classes with the same call run as "untested" (``ModelInfo.tested`` False).
+classes with the same call run as "untested" (``ModelInfo.tested`` False). A prompt longer
+than the T5 text encoder reads (the call's ``max_sequence_length``) resolves with a warning
+that names the words it ignores, where diffusers would only log them.
 """
 
 from __future__ import annotations
