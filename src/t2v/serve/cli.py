@@ -24,8 +24,7 @@ DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local
 
 def register_cli(subparsers) -> None:
     """Add the `serve`, `keys` and `worker` subcommands to an `argparse` subparsers object."""
-    from t2v.serve.config import ServeConfig
-    from t2v.serve.filter import DEFAULT_BLOCKLIST
+    from t2v.serve.config import DEFAULT_BLOCKLIST, ServeConfig
 
     serve = subparsers.add_parser(
         "serve",
@@ -171,9 +170,7 @@ def register_cli(subparsers) -> None:
     _db_option(revoke)
     revoke.add_argument("key", metavar="NAME_OR_ID", help="the key's name or id (`t2v keys list`)")
     revoke.set_defaults(func=_keys_revoke)
-    from t2v.serve.worker import register_cli as register_worker
-
-    register_worker(subparsers, _data_dir_option)
+    _register_worker(subparsers, _data_dir_option)
 
 
 def _db_option(parser: argparse.ArgumentParser) -> None:
@@ -406,3 +403,62 @@ def _run(config) -> None:
         raise UserError(app.state.queue.load_error)
     if not server.started:
         raise UserError("The server did not start; the log above says why.")
+
+
+def _register_worker(subparsers, data_dir_option) -> None:
+    """Add `t2v worker` to an argparse subparsers object (`data_dir_option(parser)` adds the
+    shared --data-dir option)."""
+    worker = subparsers.add_parser(
+        "worker",
+        help="Run queued jobs from a shared PostgreSQL store on one model.",
+        description="Claim jobs for one model from the database that `t2v serve --db` nodes "
+        "share, one at a time, and write their videos to --data-dir (which every node must "
+        "share). SIGTERM finishes the running job, then exits; Ctrl-C puts it back in the "
+        "queue.",
+    )
+    worker.add_argument(
+        "--db",
+        required=True,
+        metavar="URL",
+        help="the shared store, postgresql://user@host/database",
+    )
+    worker.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the model folder this worker serves, or a bundled model's name: moving-shapes "
+        "(the default) or moving-shapes-teacher",
+    )
+    data_dir_option(worker)
+    add_run_options(worker)
+    worker.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long a job stays this worker's without a renewal; a dead worker's job "
+        "returns to the queue after it (default: %(default)s)",
+    )
+    worker.set_defaults(func=_worker)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    if not args.db.startswith(("postgresql://", "postgres://")):
+        raise UserError(
+            "t2v worker needs --db postgresql://...; the SQLite store is for one server."
+        )
+    if not 3 <= args.lease_seconds <= 86400:
+        raise UserError("--lease-seconds must be from 3 to 86400.")
+    from t2v.serve.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    run_worker(
+        args.db,
+        args.model,
+        args.data_dir,
+        args.device,
+        args.lease_seconds,
+        precision=args.precision,
+        offload=args.offload,
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from t2v.serve.filter import DEFAULT_BLOCKLIST
+DEFAULT_BLOCKLIST = Path(__file__).with_name("blocklist.txt")  # read by t2v.serve.filter
 
 
 @dataclass

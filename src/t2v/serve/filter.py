@@ -38,7 +38,7 @@ from pathlib import Path
 import regex
 from anyascii import anyascii
 
-DEFAULT_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
+from t2v.serve.config import DEFAULT_BLOCKLIST
 
 _IGNORABLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 _TOKEN = re.compile(r"(?:[^\W_]|[@$])+|[|!+]")  # words; "|!+" are letters or nothing

@@ -17,7 +17,6 @@ A lost database is waited for with backoff, never a crash loop.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -30,7 +29,6 @@ from pathlib import Path
 
 from t2v.errors import UserError
 from t2v.model import Cancelled, FloatRange, GenerationRequest, IntRange, Knobs
-from t2v.runtime import add_run_options
 from t2v.serve.store import Job, SqlStore, StoreUnavailable
 
 log = logging.getLogger("t2v.serve")
@@ -217,63 +215,6 @@ def _request(job: Job) -> GenerationRequest:
         original_prompt=job.original_prompt,
         warnings=job.warnings,
         resolved=job.resolved,
-    )
-
-
-def register_cli(subparsers, data_dir_option) -> None:
-    """Add `t2v worker` to an argparse subparsers object (`data_dir_option(parser)` adds the
-    shared --data-dir option)."""
-    worker = subparsers.add_parser(
-        "worker",
-        help="Run queued jobs from a shared PostgreSQL store on one model.",
-        description="Claim jobs for one model from the database that `t2v serve --db` nodes "
-        "share, one at a time, and write their videos to --data-dir (which every node must "
-        "share). SIGTERM finishes the running job, then exits; Ctrl-C puts it back in the "
-        "queue.",
-    )
-    worker.add_argument(
-        "--db",
-        required=True,
-        metavar="URL",
-        help="the shared store, postgresql://user@host/database",
-    )
-    worker.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="the model folder this worker serves, or a bundled model's name: moving-shapes "
-        "(the default) or moving-shapes-teacher",
-    )
-    data_dir_option(worker)
-    add_run_options(worker)
-    worker.add_argument(
-        "--lease-seconds",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="how long a job stays this worker's without a renewal; a dead worker's job "
-        "returns to the queue after it (default: %(default)s)",
-    )
-    worker.set_defaults(func=_worker)
-
-
-def _worker(args: argparse.Namespace) -> None:
-    if not args.db.startswith(("postgresql://", "postgres://")):
-        raise UserError(
-            "t2v worker needs --db postgresql://...; the SQLite store is for one server."
-        )
-    if not 3 <= args.lease_seconds <= 86400:
-        raise UserError("--lease-seconds must be from 3 to 86400.")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    run_worker(
-        args.db,
-        args.model,
-        args.data_dir,
-        args.device,
-        args.lease_seconds,
-        precision=args.precision,
-        offload=args.offload,
     )
 
 
