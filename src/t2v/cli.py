@@ -317,9 +317,8 @@ def _add_generate(sub) -> None:
         "--model",
         type=Path,
         default=None,
-        help="a t2v model folder, a diffusers text-to-video folder (one with"
-        " model_index.json), or a bundled model's name: moving-shapes (the default, 4 steps)"
-        " or moving-shapes-teacher (20 steps, guidance and negative prompts)",
+        help="a t2v model folder, or a diffusers text-to-video folder (one with"
+        " model_index.json); default: the bundled Moving Shapes model",
     )
     add_run_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="batch mode: clips per batch")
@@ -361,12 +360,7 @@ def _generate(a) -> None:
 
 def _add_eval(sub) -> None:
     p = _parser(sub, "eval", "Score a model on the Moving Shapes evaluation split.")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="model folder, or a bundled model's name: moving-shapes (the default) or "
-        "moving-shapes-teacher",
-    )
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--count", type=int, default=240, help="evaluation prompts in all")
     p.add_argument(
         "--out",

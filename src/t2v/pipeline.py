@@ -136,8 +136,7 @@ class TextToVideoPipeline:
         precision: str = "fp32",
         offload: str = "none",
     ) -> TextToVideoPipeline:
-        """Load a t2v model folder (None: the bundled model; a bundled model's name, see
-        `t2v.pipeline_config.BUNDLED_MODELS`, is that model). A diffusers folder (with
+        """Load a t2v model folder (None: the bundled model). A diffusers folder (with
         model_index.json) is handed to `t2v.backends.load_model`, which returns a
         `VideoModel` of its own kind. ``offload`` exists for the diffusers backend's sake; a
         t2v model is small, so only "none" is taken."""

@@ -15,27 +15,18 @@ from t2v.model import MAX_FPS, MAX_GUIDANCE, MAX_STEPS, MIN_FPS, FloatRange, Int
 from t2v.text import DEFAULT_MAX_CHARS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-TEACHER_MODEL_DIR = Path(__file__).parent / "teacher_model"
-# The bundled models by the names --model takes besides a folder; each is served as t2v-NAME.
-BUNDLED_MODELS = {"moving-shapes": DEFAULT_MODEL_DIR, "moving-shapes-teacher": TEACHER_MODEL_DIR}
 FORMAT_VERSION = 1  # of a t2v model folder; a folder of a newer format is refused
 
 
 def model_folder(path: str | Path | None) -> Path:
-    """The folder ``path`` names: the bundled default for None, a bundled model for its name
-    (when no folder of that name is here), else ``path`` itself."""
-    if path is None:
-        return DEFAULT_MODEL_DIR
-    if str(path) in BUNDLED_MODELS and not Path(path).exists():
-        return BUNDLED_MODELS[str(path)]
-    return Path(path).expanduser()
+    """The folder ``path`` names: the bundled model for None."""
+    return DEFAULT_MODEL_DIR if path is None else Path(path).expanduser()
 
 
 def model_id(folder: Path) -> str:
-    """The id a model is served and reported as: t2v-NAME for a bundled one, else the
-    folder's name."""
-    names = {path: name for name, path in BUNDLED_MODELS.items()}
-    return f"t2v-{names[folder]}" if folder in names else folder.name
+    """The id a model is served and reported as: t2v-moving-shapes for the bundled one, else
+    the folder's name."""
+    return "t2v-moving-shapes" if folder == DEFAULT_MODEL_DIR else folder.name
 
 
 @dataclass

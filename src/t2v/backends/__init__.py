@@ -3,8 +3,7 @@
 - a folder with ``pipeline.json`` is a t2v model (`t2v.pipeline.TextToVideoPipeline`);
 - a folder with ``model_index.json`` is a diffusers text-to-video model
   (`t2v.backends.diffusers`, needs ``pip install "t2v[diffusers]"``);
-- ``None`` is the bundled model, and a bundled model's name (``moving-shapes``,
-  ``moving-shapes-teacher``) is that model.
+- ``None`` is the bundled model.
 
 Both kinds implement `t2v.model.VideoModel`, so no caller branches on which it holds.
 """

@@ -53,9 +53,8 @@ def register_cli(subparsers) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="model directory that this node's workers run, or a bundled model's name: "
-        "moving-shapes (the default) or moving-shapes-teacher; not with --workers 0, whose "
-        "models are those `t2v worker` processes serve",
+        help="model directory that this node's workers run (default: the model bundled with "
+        "t2v); not with --workers 0, whose models are those `t2v worker` processes serve",
     )
     serve.add_argument(
         "--default-model",
@@ -427,8 +426,7 @@ def _register_worker(subparsers, data_dir_option) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="the model folder this worker serves, or a bundled model's name: moving-shapes "
-        "(the default) or moving-shapes-teacher",
+        help="the model folder this worker serves (default: the model bundled with t2v)",
     )
     data_dir_option(worker)
     add_run_options(worker)
