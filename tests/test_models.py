@@ -21,7 +21,7 @@ from t2v.models.text_encoders import (
     split_objects,
 )
 from t2v.pipeline import ModelError, TextToVideoPipeline
-from t2v.sampling import SAMPLERS, sample_euler, sample_heun
+from t2v.sampling import SAMPLERS, VELOCITY_SAMPLERS, sample_euler, sample_heun
 from t2v.text import PromptError, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -340,7 +340,8 @@ def test_heun_is_more_accurate_than_euler_on_a_curved_flow():
     ts, x1 = torch.linspace(1, 0, 9, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
     exact = math.exp(-1)
     errors = {
-        name: abs(f(lambda x, t, c: x, x1, ts, None).item() - exact) for name, f in SAMPLERS.items()
+        name: abs(SAMPLERS[name](lambda x, t, c: x, x1, ts, None).item() - exact)
+        for name in VELOCITY_SAMPLERS
     }
     assert errors["heun"] < errors["euler"] / 10 and errors["euler"] < 0.05
 
