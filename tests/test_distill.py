@@ -204,6 +204,42 @@ def test_the_distill_stage_brings_a_two_step_student_to_its_teachers_four_steps(
     assert all(torch.equal(v, weights[k]) for k, v in exported.generator.state_dict().items())
 
 
+def test_a_resumed_distillation_repeats_the_uninterrupted_one_exactly(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from t2v.checkpoints import Checkpointer
+
+    def run(name: str, *extra: str) -> int:
+        path = distill_recipe(tmp_path / name, tiny_model_dir)
+        settings = ["--set", "stages.distill.steps=6", "--set", "stages.distill.checkpoint_every=1"]
+        return main(["train", "distill", "--config", path, "--no-progress", *settings, *extra])
+
+    def losses(name: str) -> dict[int, float]:
+        log = tmp_path / name / "run" / "distill" / "log.jsonl"
+        return {r["step"]: r["loss"] for r in map(json.loads, log.open())}
+
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "cut").mkdir()
+    assert run("whole") == 0
+    save = Checkpointer.save
+
+    def killed_after_step_3(self, step, *args):
+        saved = save(self, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(Checkpointer, "save", killed_after_step_3)
+    assert run("cut") == 130
+    monkeypatch.undo()
+    assert sorted(losses("cut")) == [1, 2, 3]
+    assert run("cut", "--resume") == 0
+    assert len(set(losses("whole").values())) == 6  # every step's loss differs
+    assert losses("cut") == losses("whole")  # exact float equality, steps 4-6 after the resume
+    weights = "run/student/generator/model.safetensors"
+    assert (tmp_path / "cut" / weights).read_bytes() == (tmp_path / "whole" / weights).read_bytes()
+
+
 def test_distilling_a_student_or_nothing_is_one_sentence(tmp_path, student_dir, capsys):
     assert main(["train", "distill", "--config", distill_recipe(tmp_path, student_dir)]) == 2
     assert "already a distilled model" in capsys.readouterr().err
