@@ -49,6 +49,28 @@ def build_tiny_pipeline(seed: int = 0):
     return TextToVideoPipeline(te, ae, gen, from_dict(PipelineConfig, TINY_TRAIN["pipeline"]))
 
 
+def build_tiny_layout_pipeline(seed: int = 0):
+    """The tiny pipeline with object clauses and a generator that reads layouts."""
+    import torch
+
+    from t2v.config import from_dict
+    from t2v.models.build import build_pipeline
+    from t2v.models.generator import GeneratorConfig
+    from t2v.models.text_encoders import TextEncoderConfig
+    from t2v.pipeline import PipelineConfig, TextToVideoPipeline
+
+    tiny = build_tiny_pipeline(seed)
+    te_cfg = from_dict(TextEncoderConfig, TINY_TRAIN["text_encoder"] | {"split_objects": True})
+    gen_cfg = from_dict(GeneratorConfig, TINY_TRAIN["generator"] | {"layout": True})
+    torch.manual_seed(seed)
+    te, ae, gen = build_pipeline(te_cfg, tiny.autoencoder, gen_cfg, tiny.text_encoder.tokenizer)
+    with torch.no_grad():  # as build_tiny_pipeline: nudge the zero-initialised layers
+        for p in gen.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return TextToVideoPipeline(te, ae, gen, from_dict(PipelineConfig, TINY_TRAIN["pipeline"]))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model folder (config JSON + safetensors per component)."""

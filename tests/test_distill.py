@@ -12,7 +12,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 
-from conftest import TINY_TRAIN, build_tiny_pipeline
+from conftest import TINY_TRAIN, build_tiny_layout_pipeline, build_tiny_pipeline
 from t2v import config as cfg
 from t2v.cli import main
 from t2v.flow import time_grid
@@ -22,6 +22,7 @@ from t2v.pipeline import TextToVideoPipeline
 from t2v.sampling import sample_euler, sample_shortcut
 from t2v.serve.app import ServeConfig, create_app
 from t2v.train_config import DistillConfig, TrainConfig
+from t2v.video import to_model_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,6 +126,51 @@ def test_the_default_counts_targets_chain_into_the_teachers_own_sampler():
         assert torch.allclose(end, guided_latents(teacher, noise, 4), atol=1e-5)
     loss, parts = objective(torch.zeros(4, 3, 16, 64, 64), PROMPTS * 2)
     assert set(parts) == {"steps_2"} and loss > 0
+
+
+def test_a_layout_teachers_paths_and_targets_follow_one_layout():
+    """With a layout teacher, a path from noise keeps the layout it was drawn with, as the
+    teacher's sampler does, and the student reads the same layout at every step of it."""
+    from t2v import shapes
+    from t2v.objectives import DistillObjective, with_boxes
+
+    teacher = build_tiny_layout_pipeline()
+    student = student_of(teacher)
+    assert student.generator.config.layout
+    config = DistillConfig(steps=2, step_counts=[1, 2], shares=[0.0, 1.0])
+    objective = DistillObjective(
+        student.generator,
+        teacher.generator,
+        teacher.text_encoder,
+        teacher.autoencoder,
+        config,
+        teacher_steps=4,
+    )
+    boxes = objective.layout(PROMPTS)  # one object each, in the frame
+    assert boxes[:, 0].isfinite().all() and boxes[:, 1:].isnan().all()
+    noise = torch.randn(len(PROMPTS), *teacher.autoencoder.config.latent_shape)
+    x, _, target = objective.path_points(noise, PROMPTS, 2, boxes)
+    end = noise - 0.5 * target[:2] - 0.5 * target[2:]
+    g, both = teacher.config.guidance, teacher.text_encoder(PROMPTS + [""] * len(PROMPTS))
+    both = with_boxes(both, boxes)
+
+    def velocity(x, t, _):
+        v_cond, v_neg = teacher.generator(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return v_neg + g * (v_cond - v_neg)
+
+    with torch.no_grad():
+        assert torch.allclose(end, sample_euler(velocity, noise, time_grid(4), None), atol=1e-5)
+        _, _, unlaid = objective.path_points(noise, PROMPTS, 2)
+    assert not torch.allclose(target, unlaid)  # the layout is read
+    # On noised training clips, the clips' own boxes lay the batch out.
+    specs = [shapes.train_spec(0, i) for i in range(4)]
+    clips = to_model_tensor(shapes.render(specs))
+    one = DistillConfig(steps=2, step_counts=[1, 2], shares=[1.0, 0.0])
+    objective.config = one
+    loss, parts = objective(
+        clips, [s.caption for s in specs], torch.from_numpy(shapes.object_boxes(specs))
+    )
+    assert set(parts) == {"steps_1"} and loss > 0
 
 
 def distill_recipe(tmp_path, teacher, **distill) -> str:

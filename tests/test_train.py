@@ -25,6 +25,7 @@ from t2v import train as train_module
 from t2v.cli import main
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from t2v.models.generator import LatentGenerator
+from t2v.models.layout import box_coverage
 from t2v.models.text_encoders import PretrainedTextEncoder, TextEncoderConfig, build_text_encoder
 from t2v.pipeline import TextToVideoPipeline
 from t2v.sources import open_source
@@ -394,6 +395,11 @@ def test_torchrun_with_two_processes_keeps_ranks_identical_on_different_data(
             "setting and only loads 'cross'.",
         ),
         ("generator.attention_loss=-1", "generator.attention_loss must be 0 or more."),
+        (
+            "generator.layout=true",
+            "generator.layout places one box per object clause, so it needs "
+            "text_encoder.split_objects: true.",
+        ),
     ],
 )
 def test_a_config_mistake_is_named_in_one_sentence(tmp_path, capsys, shards, override, message):
@@ -419,6 +425,18 @@ def test_the_attention_loss_runs_only_where_the_source_gives_object_boxes_and_sa
     trainer = Trainer(replace(config, run_dir=str(run)), "generator", progress=False)
     assert trainer.wants_boxes  # Moving Shapes knows where its objects are
     assert "generator: attention loss on, weight 0.1" in capsys.readouterr().out
+
+
+def test_a_layout_needs_a_source_that_says_where_its_objects_are(
+    tmp_path, capsys, shards, autoencoder_run
+):
+    run = with_autoencoder(tmp_path / "run", autoencoder_run)
+    extra = ["--set", "text_encoder.split_objects=true", "--set", "generator.layout=true"]
+    assert train_cli(recipe(run, shards, steps=1), "generator", *extra) == 2
+    assert capsys.readouterr().err == (
+        "t2v: error: generator.layout needs a data source that says where its objects are "
+        "(Moving Shapes does); set generator.layout to false for this one.\n"
+    )
 
 
 def test_the_trainer_leaves_the_callers_config_as_it_was(tmp_path, shards, autoencoder_run):
@@ -621,7 +639,7 @@ def _square(color, x0, y0, direction="right", size="large"):
     return shapes.ObjectSpec(color, "square", size, direction, x0, y0)
 
 
-def test_token_coverage_follows_the_rendered_objects():
+def test_box_coverage_follows_the_rendered_objects():
     specs = [
         shapes.ClipSpec(
             (_square("red", 3.0, 5.0), _square("blue", 40.5, 40.0, "left", "small")), ""
@@ -630,7 +648,7 @@ def test_token_coverage_follows_the_rendered_objects():
     ]
     boxes = torch.from_numpy(shapes.object_boxes(specs))
     assert boxes[1, 1].isnan().all()
-    coverage = objectives.token_coverage(boxes, (4, 4, 4), 64)  # (B, K, 64)
+    coverage = box_coverage(boxes / 64, (4, 4, 4)).flatten(2)  # (B, K, 64)
     clips = torch.from_numpy(shapes.render(specs)).float()  # (B, T, H, W, 3)
     for b, spec in enumerate(specs):
         colours = torch.tensor([shapes.COLORS[o.color] for o in spec.objects]).float()  # (K, 3)

@@ -6,6 +6,7 @@ dataclass that the code names, and every key and value is checked against that d
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -97,14 +98,22 @@ def _check(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+# Set while a saved file is read: its missing settings are older than it, see from_dict.
+_SAVED: contextvars.ContextVar[bool] = contextvars.ContextVar("saved", default=False)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build ``cls`` from ``data``; unknown keys and ill-typed values raise ConfigError.
 
     A dataclass may list settings it no longer has in ``REMOVED`` (name -> the one value that
-    still loads), so that model folders saved before a setting was dropped keep loading."""
+    still loads), so that model folders saved before a setting was dropped keep loading; and
+    settings it gained in ``ADDED`` (name -> the value that does what the code did before),
+    which a saved file (`load_json`) that lacks them gets instead of the default."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     removed = getattr(cls, "REMOVED", {})
+    if _SAVED.get():
+        data = {**getattr(cls, "ADDED", {}), **data}
     kwargs = {}
     for key, value in data.items():
         if key in removed:
@@ -215,4 +224,8 @@ def load_json(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"{path} is missing.") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}.") from None
-    return from_dict(cls, data)
+    token = _SAVED.set(True)
+    try:
+        return from_dict(cls, data)
+    finally:
+        _SAVED.reset(token)

@@ -14,6 +14,7 @@ from torch import nn
 from t2v.flow import flow_loss, sample_t
 from t2v.models.autoencoder import VideoAutoencoder
 from t2v.models.generator import LatentGenerator
+from t2v.models.layout import box_coverage, clause_vectors, motion_of, predict_layout
 
 
 class AutoencoderObjective(nn.Module):
@@ -37,29 +38,53 @@ class GeneratorObjective(nn.Module):
     def forward(
         self, clips: torch.Tensor, captions: list[str], boxes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """boxes: where each object is (see shapes.object_boxes): given, and with a positive
-        attention_loss, the attention loss is added."""
+        """boxes: where each object is, in pixels (see shapes.object_boxes). Given, a
+        positive attention_loss adds the attention loss, and a layout generator reads them
+        (unless dropped) and trains its layout head on them."""
         g = self.generator.config
         with torch.no_grad():
             z = self._frozen[0].encode(clips).float()  # (B, C, T', H', W')
         keep = torch.rand(len(captions)) >= g.cond_dropout
         text = self.text_encoder([c if k else "" for c, k in zip(captions, keep, strict=True)])
+        terms: dict[str, torch.Tensor] = {}
+        extra = z.new_zeros(())
+        if boxes is not None:
+            boxes = boxes.to(z.device).float() / clips.shape[-1]  # fractions of the frame
+            objects = boxes[:, :, 0, 0].isfinite().sum(1)  # (B,)
+            slots = text.slots.masked_fill(~text.mask, 0).amax(1) + 1
+            # Clips whose caption was kept and split into one clause per object.
+            matched = keep.to(z.device) & (slots == objects)
+        if g.layout and boxes is not None:
+            drop = ~keep | (torch.rand(len(captions)) < g.layout_dropout)
+            given = boxes.masked_fill(drop.to(z.device)[:, None, None, None], float("nan"))
+            text = text._replace(boxes=given)
+            layout = self._layout_loss(text, boxes, matched)
+            extra, terms["layout"] = extra + layout, layout.detach()
         t = sample_t(len(z), device=z.device)
         maps = [] if boxes is not None and g.attention_loss > 0 else None
         loss = flow_loss(lambda x, tt: self.generator(x, tt, text, maps), z, t, torch.randn_like(z))
-        if not maps:
+        if maps:
+            cover = box_coverage(boxes, g.grid).flatten(2)  # (B, K, N)
+            # With one object, all the attention is on its slot anyway.
+            attention = slot_attention_loss(
+                maps, text.slots, text.mask, cover, matched & (objects > 1)
+            )
+            extra = extra + g.attention_loss * attention
+            terms["attention"] = attention.detach()
+        if not terms:
             return loss, {}
-        coverage = token_coverage(boxes.to(z.device), g.grid, clips.shape[-1])
-        objects = boxes[:, :, 0, 0].isfinite().sum(1).to(z.device)  # (B,)
-        slots = text.slots.masked_fill(~text.mask, 0).amax(1) + 1
-        # Only clips whose caption was kept and split into one clause per object, and that
-        # have several objects (with one, all the attention is on its slot anyway).
-        use = keep.to(z.device) & (objects > 1) & (slots == objects)
-        attention = slot_attention_loss(maps, text.slots, text.mask, coverage, use)
-        return loss + g.attention_loss * attention, {
-            "flow": loss.detach(),
-            "attention": attention.detach(),
-        }
+        return loss + extra, {"flow": loss.detach(), **terms}
+
+    def _layout_loss(self, text, boxes: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+        """Squared error of the layout head's size and travel for each object of the clips
+        in ``use``."""
+        k = boxes.shape[1]
+        vectors, _ = clause_vectors(text, k)
+        pred = self.generator.layout_head(vectors).float()  # (B, K, 3)
+        target = motion_of(boxes)
+        weight = (target[..., 0].isfinite() & use[:, None]).float()[..., None]
+        err = (pred - target.nan_to_num(0.0)).square() * weight
+        return err.sum() / (3 * weight.sum()).clamp(min=1.0)
 
 
 class DistillObjective(nn.Module):
@@ -90,23 +115,30 @@ class DistillObjective(nn.Module):
         self.teacher_steps = teacher_steps
         self.guidance = student.config.distilled_guidance
 
-    def forward(self, clips: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, clips: torch.Tensor, captions: list[str], boxes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """boxes: where each clip's objects are, in pixels; a layout student and its teacher
+        read them on the noised training latents (paths from noise get predicted layouts)."""
         c = self.config
         n = c.step_counts[int(torch.multinomial(torch.tensor(c.shares), 1))]
         if n == c.steps and c.path_starts and len(captions) >= n:
             return self._on_path(clips, captions, n)
         with torch.no_grad():
             z = self._frozen[0].encode(clips).float()
+        if self.generator.config.layout:
+            boxes = None if boxes is None else boxes.to(z.device).float() / clips.shape[-1]
+            boxes = self.layout(captions) if boxes is None else boxes
         b = len(z)
         t = torch.randint(1, n + 1, (b,)).float().to(z.device) / n  # a time of the n-grid
         h = torch.full_like(t, 1.0 / n)
         tt = t.view(-1, 1, 1, 1, 1)
         x = (1 - tt) * z + tt * torch.randn_like(z)
-        text = self.text_encoder(captions)
+        text = with_boxes(self.text_encoder(captions), boxes)
         with torch.no_grad():
             if n >= c.steps:
                 substeps = max(1, round(self.teacher_steps / n))
-                both = self.text_encoder(list(captions) + [""] * len(captions))
+                both = with_boxes(self.text_encoder(list(captions) + [""] * len(captions)), boxes)
                 target = self._teacher_path(x, t, h, substeps, both)
             else:
                 target = self._two_half_steps(x, t, h, text)
@@ -118,21 +150,27 @@ class DistillObjective(nn.Module):
         each cut into n steps, whose mean velocities are the targets."""
         prompts = list(captions[: len(captions) // n])
         noise = torch.randn(len(prompts), *self._frozen[0].config.latent_shape)
-        x, times, target = self.path_points(noise.to(clips.device), prompts, n)
-        text = self.text_encoder(prompts * n)
+        boxes = self.layout(prompts) if self.generator.config.layout else None
+        x, times, target = self.path_points(noise.to(clips.device), prompts, n, boxes)
+        text = with_boxes(
+            self.text_encoder(prompts * n), None if boxes is None else boxes.repeat(n, 1, 1, 1)
+        )
         u = self.generator(x, times, text, step=torch.full_like(times, 1.0 / n)).float()
         loss = (u - target).square().mean()
         return loss, {f"steps_{n}": loss.detach()}
 
     @torch.no_grad()
-    def path_points(self, noise: torch.Tensor, prompts: list[str], n: int):
-        """The teacher's guided paths from ``noise`` (k, ...) for ``prompts`` cut into n steps:
-        each step's start and time, and its mean velocity, step-major: (n * k, ...)."""
+    def path_points(
+        self, noise: torch.Tensor, prompts: list[str], n: int, boxes: torch.Tensor | None = None
+    ):
+        """The teacher's guided paths from ``noise`` (k, ...) for ``prompts`` (with a layout
+        teacher, laid out by ``boxes``) cut into n steps: each step's start and time, and
+        its mean velocity, step-major: (n * k, ...)."""
         k = len(prompts)
         t = torch.ones(k, device=noise.device)
         h = torch.full_like(t, 1.0 / n)
         substeps = max(1, round(self.teacher_steps / n))
-        both = self.text_encoder(prompts + [""] * k)
+        both = with_boxes(self.text_encoder(prompts + [""] * k), boxes)
         x, starts, targets = noise, [], []
         for i in range(n):
             u = self._teacher_path(x, t - i * h, h, substeps, both)
@@ -141,6 +179,16 @@ class DistillObjective(nn.Module):
             x = x - h.view(-1, 1, 1, 1, 1) * u
         times = torch.cat([t - i * h for i in range(n)])
         return torch.cat(starts), times, torch.cat(targets)
+
+    @torch.no_grad()
+    def layout(self, prompts: list[str]) -> torch.Tensor:
+        """Layouts as sampling draws them, by the teacher's layout head, each placed by a
+        seed of the run's random stream: (len(prompts), slots, frames, 4)."""
+        teacher = self._frozen[1]
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        text = self.text_encoder(prompts)
+        frames = self._frozen[0].config.frames
+        return predict_layout(teacher.layout_head, text, teacher.config.text_slots, seeds, frames)
 
     def _teacher_path(self, x, t, h, substeps: int, both) -> torch.Tensor:
         """The mean velocity of ``substeps`` guided Euler steps of the teacher over h;
@@ -163,23 +211,14 @@ class DistillObjective(nn.Module):
         return (u1 + u2) / 2
 
 
-def token_coverage(boxes: torch.Tensor, grid: tuple[int, int, int], size: int) -> torch.Tensor:
-    """How much of each latent token each object covers, averaged over the token's frames:
-    boxes (B, K, T, 4) in pixels of a size x size clip -> (B, K, N), N = latent tokens in
-    (t, h, w) order; absent objects (NaN boxes) cover nothing."""
-    gt, gh, gw = grid
-    b, k, frames, _ = boxes.shape
-    x0, y0, x1, y1 = boxes.float().unbind(-1)  # each (B, K, T)
-
-    def overlap(lo, hi, cells):  # (B, K, T, cells): share of each cell's span inside [lo, hi]
-        width = size / cells
-        edge = torch.arange(cells, device=boxes.device) * width
-        inside = torch.minimum(hi[..., None], edge + width) - torch.maximum(lo[..., None], edge)
-        return (inside.clamp(min=0) / width).nan_to_num(0.0)
-
-    cover = overlap(y0, y1, gh)[..., :, None] * overlap(x0, x1, gw)[..., None, :]
-    cover = cover.view(b, k, gt, frames // gt, gh, gw).mean(3)  # (B, K, gt, gh, gw)
-    return cover.flatten(2)
+def with_boxes(text, boxes: torch.Tensor | None):
+    """``text`` whose first len(boxes) rows are laid out by ``boxes`` and the rest (a guidance
+    batch's empty prompts) by none; unchanged without boxes."""
+    if boxes is None:
+        return text
+    full = boxes.new_full((len(text.tokens), *boxes.shape[1:]), float("nan"))
+    full[: len(boxes)] = boxes
+    return text._replace(boxes=full)
 
 
 def slot_attention_loss(

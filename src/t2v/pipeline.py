@@ -32,6 +32,7 @@ from t2v.model import (
 )
 from t2v.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from t2v.models.generator import GeneratorConfig, LatentGenerator
+from t2v.models.layout import predict_layout
 from t2v.models.text_encoders import (
     TextEncoder,
     TextEncoderConfig,
@@ -354,13 +355,14 @@ class TextToVideoPipeline:
             ts = time_grid(steps, self.config.shift, device=self.device)
             if self.generator.config.distilled_guidance is not None:
                 # A distilled generator: guidance is inside it, so one pass per step.
-                z = SAMPLERS["shortcut"](
-                    _Stepped(self.generator), x, ts, self.text_encoder(prompts), callback
-                ).float()
+                text = self._with_layout(self.text_encoder(prompts), seeds)
+                z = SAMPLERS["shortcut"](_Stepped(self.generator), x, ts, text, callback).float()
                 return to_uint8_clips(self.autoencoder.decode(z).float())
-            # 2. Encode text: the prompts, then (for guidance) the negatives or "".
+            # 2. Encode text: the prompts, then (for guidance) the negatives or "". A layout
+            # generator also gets where each prompt's objects go (the negatives get none).
             guided = guidance != 1.0
             text = self.text_encoder(prompts + negatives if guided else prompts)
+            text = self._with_layout(text, seeds)
             # 3-4. Denoise from noise at t = 1 to latents at t = 0 with classifier-free
             # guidance (Ho & Salimans 2022): v = v_neg + g (v_cond - v_neg).
             sampler = SAMPLERS[self.config.sampler]
@@ -370,6 +372,14 @@ class TextToVideoPipeline:
             # 5. Decode latents to frames.
             video = self.autoencoder.decode(z).float()  # (B, 3, T, H, W)
         return to_uint8_clips(video)  # (B, T, H, W, 3)
+
+    def _with_layout(self, text: TextEncoding, seeds: list[int]) -> TextEncoding:
+        g = self.generator
+        if not g.config.layout:
+            return text
+        frames = self.autoencoder.config.frames
+        boxes = predict_layout(g.layout_head, text, g.config.text_slots, seeds, frames)
+        return text._replace(boxes=boxes)
 
     @torch.no_grad()
     def reconstruct(self, clips: np.ndarray) -> np.ndarray:

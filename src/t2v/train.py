@@ -174,8 +174,10 @@ class Trainer:
             p.autoencoder.to(self.device)  # frozen, so not a submodule: .to() below misses it
             self.model = GeneratorObjective(p.generator, p.text_encoder, p.autoencoder)
             self.ae_config = p.autoencoder.config
-        self.wants_boxes = stage == "generator" and attention_loss_runs(
-            self.config, self.source, self._say
+        layout = self.config.generator.layout and self.source.has_boxes
+        self.wants_boxes = (stage == "distill" and layout) or (
+            stage == "generator"
+            and (attention_loss_runs(self.config, self.source, self._say) or layout)
         )
         self.model.to(self.device)
         self.model.train()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from t2v.checkpoints import trained_autoencoder
+from t2v.checkpoints import TrainingError, trained_autoencoder
 from t2v.models.autoencoder import VideoAutoencoder
 from t2v.models.build import build_pipeline
 from t2v.models.generator import LatentGenerator
@@ -43,12 +43,24 @@ def build_generator(
     (--init-from), or fresh text encoder and generator over the run's trained autoencoder.
     The tokenizer is written to ``out`` (by the ``main`` process)."""
     c = config
+    if c.generator.layout and not source.has_boxes:
+        raise TrainingError(
+            "generator.layout needs a data source that says where its objects are "
+            "(Moving Shapes does); set generator.layout to false for this one."
+        )
     if init_from:  # transfer: every component from a trained model folder
         pipe = TextToVideoPipeline.from_pretrained(init_from, device="cpu")
         tokenizer = getattr(pipe.text_encoder, "tokenizer", None)
         if isinstance(tokenizer, Tokenizer) and main:
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(out / "tokenizer.json")
+        if c.generator.layout and not pipe.generator.config.layout:
+            if not pipe.generator.config.text_slots:
+                raise TrainingError(
+                    f"generator.layout places one box per object clause, and {init_from} "
+                    "reads each prompt whole; train its generator afresh for a layout."
+                )
+            pipe.generator = add_layout(pipe.generator, c.generator.layout_dropout)
     else:
         tokenizer = fit_tokenizer(out, source, c.data.tokenizer_captions, main)
         ae = trained_autoencoder(Path(c.run_dir))
@@ -70,8 +82,6 @@ def build_student(
     teacher's number of sampling steps (the grid of its path): the teacher
     folder's components, with a generator that also takes the step size, starting from the
     teacher's weights (its step embedding starts at zero, so it starts as the teacher)."""
-    from t2v.checkpoints import TrainingError
-
     folder = init_from or config.distill.teacher or str(Path(config.run_dir) / "model")
     if not (Path(folder) / "pipeline.json").is_file():
         raise TrainingError(
@@ -110,6 +120,15 @@ def build_student(
         distill=replace(config.distill, teacher=str(folder)),
     )
     return student_pipe, teacher, pipe.config.steps, resolved
+
+
+def add_layout(generator: LatentGenerator, dropout: float) -> LatentGenerator:
+    """A copy of a trained generator that also reads a layout: its layout input starts at
+    zero, so it starts as the generator it came from; the layout head starts fresh."""
+    layout = LatentGenerator(replace(generator.config, layout=True, layout_dropout=dropout))
+    missing, unexpected = layout.load_state_dict(generator.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("layout_in.", "layout_head.")) for k in missing)
+    return layout
 
 
 def fit_tokenizer(out: Path, source: ClipSource, count: int, main: bool) -> Tokenizer:

@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from t2v.models.layers import MLP, Attention, timestep_embedding
+from t2v.models.layout import LayoutHead, box_coverage
 from t2v.models.text_encoders import TextEncoding
 
 
@@ -48,15 +49,27 @@ class GeneratorConfig:
     # its sampler (its output is the mean velocity over that step) and needs no second,
     # unconditional pass; None = an ordinary velocity model.
     distilled_guidance: float | None = None
+    # Layout first (t2v.models.layout): the generator also reads where each object clause's
+    # object is in every frame, and a head on each clause's pooled vector predicts its size
+    # and travel, from which sampling places the boxes. Needs object clauses (text_slots)
+    # and, to train, a data source that gives object boxes.
+    layout: bool = False
+    # Training only: share of kept captions whose layout is dropped all the same, so the
+    # generator also draws from the text alone (a dropped caption drops its layout too).
+    layout_dropout: float = 0.1
 
     # Model folders saved before joint attention was removed store the text attention.
     REMOVED: ClassVar[dict[str, Any]] = {"text_attention": "cross"}
+    # Model folders saved before layouts were added read none.
+    ADDED: ClassVar[dict[str, Any]] = {"layout": False}
 
     def validate(self) -> None:
         if self.latent_frames % self.patch_t or self.latent_size % self.patch_s:
             raise ValueError("the latent grid must divide by the patch size")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must divide by heads {self.heads}")
+        if self.layout and not self.text_slots:
+            raise ValueError("generator.layout needs text_encoder.split_objects")
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -98,6 +111,7 @@ class Block(nn.Module):
 class LatentGenerator(nn.Module):
     def __init__(self, config: GeneratorConfig):
         super().__init__()
+        config.validate()
         self.config = c = config
         d = c.width
         patch_dim = c.latent_channels * c.patch_t * c.patch_s**2
@@ -117,6 +131,10 @@ class LatentGenerator(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if c.text_slots:
             self.slot_embed = nn.Parameter(torch.randn(c.text_slots, c.text_dim) * 0.1)
+        if c.layout:  # each slot's share of each latent cell, patched like the latents
+            self.layout_in = nn.Linear(c.text_slots * c.patch_t * c.patch_s**2, d, bias=False)
+            nn.init.zeros_(self.layout_in.weight)  # added to a trained model, it starts as it
+            self.layout_head = LayoutHead(c.text_dim, d)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.ln_out = nn.LayerNorm(d, elementwise_affine=False)
         self.out_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -138,7 +156,8 @@ class LatentGenerator(nn.Module):
         with ``distilled_guidance`` set, the mean velocity over a step of size ``step`` (B,)
         from t towards 0 (the step is required then, and refused otherwise).
         attention_maps: a list that gets each block's cross-attention weights from the latent
-        tokens (in (t, h, w) order) to the text tokens, averaged over heads: (B, N, L)."""
+        tokens (in (t, h, w) order) to the text tokens, averaged over heads: (B, N, L).
+        A layout generator reads ``text.boxes`` when set (None = no layout, as a dropped one)."""
         c = self.config
         gt, gh, gw = c.grid
         tokens = rearrange(
@@ -149,6 +168,8 @@ class LatentGenerator(nn.Module):
             pw=c.patch_s,
         )
         h = self.patch_in(tokens) + self.pos_t + self.pos_h + self.pos_w  # (B, T, H, W, D)
+        if c.layout and text.boxes is not None:
+            h = h + self.layout_in(self._layout_tokens(text.boxes).to(h.dtype))
         h = h.flatten(1, 3)  # (B, N, D)
         if c.text_slots:  # mark each text token with its object's slot
             slots = text.mask.long() * 0 if text.slots is None else text.slots
@@ -172,6 +193,24 @@ class LatentGenerator(nn.Module):
             t=gt,
             h=gh,
             w=gw,
+            pt=c.patch_t,
+            ph=c.patch_s,
+            pw=c.patch_s,
+        )
+
+    def _layout_tokens(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes (B, K, F, 4) -> how much each slot's object covers each latent cell, patched
+        like the latents: (B, T', H', W', slots * patch)."""
+        c = self.config
+        cover = box_coverage(
+            boxes[:, : c.text_slots], (c.latent_frames, c.latent_size, c.latent_size)
+        )
+        if cover.shape[1] < c.text_slots:  # fewer slots given: the rest hold no object
+            pad = cover.new_zeros(cover.shape[0], c.text_slots - cover.shape[1], *cover.shape[2:])
+            cover = torch.cat([cover, pad], 1)
+        return rearrange(
+            cover,
+            "b k (t pt) (h ph) (w pw) -> b t h w (k pt ph pw)",
             pt=c.patch_t,
             ph=c.patch_s,
             pw=c.patch_s,

@@ -49,6 +49,9 @@ class TextEncoding(NamedTuple):
     mask: torch.Tensor  # (B, L) bool, True = a real token
     pooled: torch.Tensor  # (B, D)
     slots: torch.Tensor | None = None  # (B, L) long: the object clause of each token
+    # Set beside the text, not by an encoder: each clause's object box in every frame, for a
+    # generator that reads a layout (see t2v.models.layout); (B, K, F, 4), NaN = none.
+    boxes: torch.Tensor | None = None
 
     def to(self, device) -> TextEncoding:
         return TextEncoding(*(None if x is None else x.to(device) for x in self))
