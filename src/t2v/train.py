@@ -168,7 +168,7 @@ class Trainer:
             self.ae_config = p.autoencoder.config
         else:
             p, self.config = build_generator(
-                config, self.source, init_from, self.out, self.dist.main
+                config, self.source, init_from, self.out, self.dist.main, self._say
             )
             self.pipeline = p
             p.autoencoder.to(self.device)  # frozen, so not a submodule: .to() below misses it

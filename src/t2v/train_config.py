@@ -112,11 +112,6 @@ class TrainConfig:
                 )
         if self.generator.attention_loss < 0:
             raise ValueError("generator.attention_loss must be 0 or more.")
-        if self.generator.layout and not self.text_encoder.split_objects:
-            raise ValueError(
-                "generator.layout places one box per object clause, so it needs "
-                "text_encoder.split_objects: true."
-            )
 
     def stage(self, name: str) -> StageConfig:
         return self.stages.get(name) or StageConfig()

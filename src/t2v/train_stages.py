@@ -37,31 +37,33 @@ def build_autoencoder(
 
 
 def build_generator(
-    config: TrainConfig, source: ClipSource, init_from: str | None, out: Path, main: bool
+    config: TrainConfig,
+    source: ClipSource,
+    init_from: str | None,
+    out: Path,
+    main: bool,
+    say: Callable[[str], None],
 ) -> tuple[TextToVideoPipeline, TrainConfig]:
     """The pipeline the generator stage trains: every component of a model folder
     (--init-from), or fresh text encoder and generator over the run's trained autoencoder.
     The tokenizer is written to ``out`` (by the ``main`` process)."""
     c = config
-    if c.generator.layout and not source.has_boxes:
-        raise TrainingError(
-            "generator.layout needs a data source that says where its objects are "
-            "(Moving Shapes does); set generator.layout to false for this one."
-        )
     if init_from:  # transfer: every component from a trained model folder
         pipe = TextToVideoPipeline.from_pretrained(init_from, device="cpu")
         tokenizer = getattr(pipe.text_encoder, "tokenizer", None)
         if isinstance(tokenizer, Tokenizer) and main:
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(out / "tokenizer.json")
-        if c.generator.layout and not pipe.generator.config.layout:
-            if not pipe.generator.config.text_slots:
-                raise TrainingError(
-                    f"generator.layout places one box per object clause, and {init_from} "
-                    "reads each prompt whole; train its generator afresh for a layout."
-                )
-            pipe.generator = add_layout(pipe.generator, c.generator.layout_dropout)
+        g = pipe.generator.config
+        if g.layout and not source.has_boxes:
+            say("layout kept but not trained: the data source does not say where its objects are")
+        elif c.generator.layout and not g.layout:
+            if not g.text_slots:
+                say(f"layout off: {init_from} reads each prompt whole, with no object clauses")
+            elif layout_runs(c, source, say):
+                pipe.generator = add_layout(pipe.generator, c.generator.layout_dropout)
     else:
+        c = replace(c, generator=replace(c.generator, layout=layout_runs(c, source, say)))
         tokenizer = fit_tokenizer(out, source, c.data.tokenizer_captions, main)
         ae = trained_autoencoder(Path(c.run_dir))
         te, ae, gen = build_pipeline(c.text_encoder, ae, c.generator, tokenizer)
@@ -143,6 +145,21 @@ def fit_tokenizer(out: Path, source: ClipSource, count: int, main: bool) -> Toke
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
     return tokenizer
+
+
+def layout_runs(config: TrainConfig, source: ClipSource, say: Callable[[str], None]) -> bool:
+    """Whether a fresh generator gets a layout, said in a log line when asked for."""
+    if not config.generator.layout:
+        return False
+    if not source.has_boxes:
+        why = "the data source does not say where its objects are"
+    elif not config.text_encoder.split_objects:
+        why = "text_encoder.split_objects is off, so no object has a clause of its own"
+    else:
+        say("layout on (the source gives object boxes)")
+        return True
+    say(f"layout off: {why}")
+    return False
 
 
 def attention_loss_runs(

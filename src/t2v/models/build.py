@@ -39,6 +39,7 @@ def generator_config(
         generator,
         text_dim=text.output_dim,
         text_slots=MAX_SLOTS if text.split_objects else 0,
+        layout=generator.layout and text.split_objects,  # one box per object clause
         latent_channels=channels,
         latent_frames=frames,
         latent_size=size,

@@ -53,7 +53,7 @@ class GeneratorConfig:
     # object is in every frame, and a head on each clause's pooled vector predicts its size
     # and travel, from which sampling places the boxes. Needs object clauses (text_slots)
     # and, to train, a data source that gives object boxes.
-    layout: bool = False
+    layout: bool = True
     # Training only: share of kept captions whose layout is dropped all the same, so the
     # generator also draws from the text alone (a dropped caption drops its layout too).
     layout_dropout: float = 0.1
