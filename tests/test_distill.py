@@ -101,15 +101,12 @@ def test_the_shortcut_sampler_of_a_step_blind_model_is_euler():
 # --- the stage ------------------------------------------------------------------------------
 
 
-def test_the_default_counts_targets_chain_into_the_teachers_own_sampler():
-    """Cut into 2 steps of 2 guided Euler steps each, the teacher's path from a noise ends
-    where its 4-step sampler does: the student of 2 steps learns exactly what it replaces."""
+def two_step_objective(teacher: TextToVideoPipeline, student: TextToVideoPipeline):
+    """The distillation of a 2-step student from a teacher of 4 steps, all on 2 steps."""
     from t2v.objectives import DistillObjective
 
-    teacher = build_tiny_pipeline()
-    student = student_of(teacher)
     config = DistillConfig(steps=2, step_counts=[1, 2], shares=[0.0, 1.0])
-    objective = DistillObjective(
+    return DistillObjective(
         student.generator,
         teacher.generator,
         teacher.text_encoder,
@@ -117,6 +114,14 @@ def test_the_default_counts_targets_chain_into_the_teachers_own_sampler():
         config,
         teacher_steps=4,
     )
+
+
+def test_the_default_counts_targets_chain_into_the_teachers_own_sampler():
+    """Cut into 2 steps of 2 guided Euler steps each, the teacher's path from a noise ends
+    where its 4-step sampler does: the student of 2 steps learns exactly what it replaces."""
+    teacher = build_tiny_pipeline()
+    student = student_of(teacher)
+    objective = two_step_objective(teacher, student)
     noise = torch.randn(len(PROMPTS), *teacher.autoencoder.config.latent_shape)
     x, times, target = objective.path_points(noise, PROMPTS, 2)
     assert times.tolist() == [1.0, 1.0, 0.5, 0.5]
@@ -132,20 +137,12 @@ def test_a_layout_teachers_paths_and_targets_follow_one_layout():
     """With a layout teacher, a path from noise keeps the layout it was drawn with, as the
     teacher's sampler does, and the student reads the same layout at every step of it."""
     from t2v import shapes
-    from t2v.objectives import DistillObjective, with_boxes
+    from t2v.objectives import with_boxes
 
     teacher = build_tiny_layout_pipeline()
     student = student_of(teacher)
     assert student.generator.config.layout
-    config = DistillConfig(steps=2, step_counts=[1, 2], shares=[0.0, 1.0])
-    objective = DistillObjective(
-        student.generator,
-        teacher.generator,
-        teacher.text_encoder,
-        teacher.autoencoder,
-        config,
-        teacher_steps=4,
-    )
+    objective = two_step_objective(teacher, student)
     boxes = objective.layout(PROMPTS)  # one object each, in the frame
     assert boxes[:, 0].isfinite().all() and boxes[:, 1:].isnan().all()
     noise = torch.randn(len(PROMPTS), *teacher.autoencoder.config.latent_shape)

@@ -405,6 +405,11 @@ def test_a_config_mistake_is_named_in_one_sentence(tmp_path, capsys, shards, ove
     assert not run.exists()
 
 
+# Overrides for a tiny generator on the Moving Shapes stream (which gives object boxes).
+TINY_STREAM = ["generator.width=16", "generator.depth=1", "generator.heads=2", "device=cpu"]
+TINY_STREAM += ["text_encoder.kind=transformer", "text_encoder.width=16", "text_encoder.heads=2"]
+
+
 def test_the_attention_loss_runs_only_where_the_source_gives_object_boxes_and_says_so(
     tmp_path, capsys, shards, autoencoder_run
 ):
@@ -414,9 +419,7 @@ def test_the_attention_loss_runs_only_where_the_source_gives_object_boxes_and_sa
     out = capsys.readouterr().out
     assert "generator: attention loss off: the data source does not say where its objects" in out
     assert "attention" not in (run / "generator" / "log.jsonl").read_text()
-    tiny = ["generator.width=16", "generator.depth=1", "generator.heads=2"]
-    tiny += ["text_encoder.kind=transformer", "text_encoder.width=16", "text_encoder.heads=2"]
-    config = cfg.load(TrainConfig, None, [*tiny, "device=cpu"])
+    config = cfg.load(TrainConfig, None, TINY_STREAM)
     trainer = Trainer(replace(config, run_dir=str(run)), "generator", progress=False)
     assert trainer.wants_boxes  # Moving Shapes knows where its objects are
     assert "generator: attention loss on, weight 0.1" in capsys.readouterr().out
@@ -431,13 +434,12 @@ def test_a_layout_is_off_where_the_source_gives_no_boxes_or_prompts_are_whole_an
     out = capsys.readouterr().out
     assert "generator: layout off: the data source does not say where its objects are" in out
     assert not TextToVideoPipeline.from_pretrained(run / "model").generator.config.layout
-    tiny = ["generator.width=16", "generator.depth=1", "generator.heads=2", "device=cpu"]
-    tiny += ["text_encoder.kind=transformer", "text_encoder.width=16", "text_encoder.heads=2"]
-    whole = cfg.load(TrainConfig, None, [*tiny, "text_encoder.split_objects=false"])
+    whole = cfg.load(TrainConfig, None, [*TINY_STREAM, "text_encoder.split_objects=false"])
     trainer = Trainer(replace(whole, run_dir=str(run)), "generator", progress=False)
     assert not trainer.config.generator.layout
     assert "layout off: text_encoder.split_objects is off" in capsys.readouterr().out
-    trainer = Trainer(replace(cfg.load(TrainConfig, None, tiny), run_dir=str(run)), "generator")
+    config = cfg.load(TrainConfig, None, TINY_STREAM)
+    trainer = Trainer(replace(config, run_dir=str(run)), "generator", progress=False)
     assert trainer.config.generator.layout and trainer.wants_boxes  # Moving Shapes has boxes
     assert "generator: layout on" in capsys.readouterr().out
 

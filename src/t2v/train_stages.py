@@ -147,19 +147,22 @@ def fit_tokenizer(out: Path, source: ClipSource, count: int, main: bool) -> Toke
     return tokenizer
 
 
+def _without_boxes(config: TrainConfig, source: ClipSource) -> str | None:
+    """Why what needs each object's box and clause cannot run on this source, or None."""
+    if not source.has_boxes:
+        return "the data source does not say where its objects are"
+    if not config.text_encoder.split_objects:
+        return "text_encoder.split_objects is off, so no object has a clause of its own"
+    return None
+
+
 def layout_runs(config: TrainConfig, source: ClipSource, say: Callable[[str], None]) -> bool:
     """Whether a fresh generator gets a layout, said in a log line when asked for."""
     if not config.generator.layout:
         return False
-    if not source.has_boxes:
-        why = "the data source does not say where its objects are"
-    elif not config.text_encoder.split_objects:
-        why = "text_encoder.split_objects is off, so no object has a clause of its own"
-    else:
-        say("layout on (the source gives object boxes)")
-        return True
-    say(f"layout off: {why}")
-    return False
+    why = _without_boxes(config, source)
+    say(f"layout off: {why}" if why else "layout on (the source gives object boxes)")
+    return why is None
 
 
 def attention_loss_runs(
@@ -169,12 +172,7 @@ def attention_loss_runs(
     weight = config.generator.attention_loss
     if weight <= 0:
         return False
-    if not source.has_boxes:
-        why = "the data source does not say where its objects are"
-    elif not config.text_encoder.split_objects:
-        why = "text_encoder.split_objects is off, so no text slot belongs to one object"
-    else:
-        say(f"attention loss on, weight {weight:g} (the source gives object boxes)")
-        return True
-    say(f"attention loss off: {why}")
-    return False
+    why = _without_boxes(config, source)
+    on = f"attention loss on, weight {weight:g} (the source gives object boxes)"
+    say(f"attention loss off: {why}" if why else on)
+    return why is None
