@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from conftest import build_tiny_layout_pipeline
 from t2v import config as cfg
 from t2v import objectives, shapes
+from t2v.checkpoints import Checkpointer
 from t2v.models.generator import LatentGenerator
 from t2v.models.layout import (
     GAP,
@@ -154,6 +156,43 @@ def test_the_generator_stage_adds_a_layout_to_a_trained_model_and_trains_it(tmp_
     assert 0 < moved < 0.01  # two small steps from zero
     clip = trained.sample(["a red circle moving left and a blue square moving up"], [0])
     assert clip.shape == (1, 16, 64, 64, 3)
+
+
+def test_a_resumed_layout_run_repeats_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
+    """The layout draws (which captions lose their layout) come from each step's seed, so a
+    run killed after step 2 and resumed ends with the same weights as one never stopped."""
+    pipe = build_tiny_layout_pipeline()
+    pipe.save_pretrained(tmp_path / "start")
+    stage = "stages.generator."
+    overrides = [f"{stage}{k}" for k in ("steps=4", "batch_size=4", "warmup=1", "log_every=1")]
+    overrides += ["generator.layout_dropout=0.5", "device=cpu", "precision=fp32"]
+    overrides += [f"{stage}sample_every=1000", f"{stage}checkpoint_every=1"]
+
+    def run(name: str, **kw) -> Path:
+        config = cfg.load(TrainConfig, None, [*overrides, f"run_dir={tmp_path / name}"])
+        return train("generator", config, init_from=str(tmp_path / "start"), progress=False, **kw)
+
+    whole = run("whole")
+    save = Checkpointer.save
+
+    def killed_after_step_2(self, step, *args):
+        saved = save(self, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(Checkpointer, "save", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    monkeypatch.undo()
+    resumed = run("resumed", resume=True)
+    losses = [
+        [json.loads(line)["layout"] for line in (p.parent / "generator" / "log.jsonl").open()]
+        for p in (whole, resumed)
+    ]
+    assert losses[0] == losses[1] and len(set(losses[0])) == 4
+    weights = "generator/model.safetensors"
+    assert (whole / weights).read_bytes() == (resumed / weights).read_bytes()
 
 
 def test_a_model_that_reads_whole_prompts_trains_on_without_a_layout(
