@@ -71,6 +71,22 @@ def build_tiny_layout_pipeline(seed: int = 0):
     return TextToVideoPipeline(te, ae, gen, from_dict(PipelineConfig, TINY_TRAIN["pipeline"]))
 
 
+def kill_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make a training run stop (KeyboardInterrupt) right after it saves checkpoint ``step``,
+    as a kill would; ``monkeypatch.undo()`` lets the next run go on."""
+    from t2v.checkpoints import Checkpointer
+
+    save = Checkpointer.save
+
+    def killed(self, at, *args):
+        saved = save(self, at, *args)
+        if at == step:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(Checkpointer, "save", killed)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model folder (config JSON + safetensors per component)."""

@@ -12,7 +12,12 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 
-from conftest import TINY_TRAIN, build_tiny_layout_pipeline, build_tiny_pipeline
+from conftest import (
+    TINY_TRAIN,
+    build_tiny_layout_pipeline,
+    build_tiny_pipeline,
+    kill_after_checkpoint,
+)
 from t2v import config as cfg
 from t2v.cli import main
 from t2v.flow import time_grid
@@ -250,7 +255,6 @@ def test_the_distill_stage_brings_a_two_step_student_to_its_teachers_four_steps(
 def test_a_resumed_distillation_repeats_the_uninterrupted_one_exactly(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    from t2v.checkpoints import Checkpointer
 
     def run(name: str, *extra: str) -> int:
         path = distill_recipe(tmp_path / name, tiny_model_dir)
@@ -264,15 +268,7 @@ def test_a_resumed_distillation_repeats_the_uninterrupted_one_exactly(
     (tmp_path / "whole").mkdir()
     (tmp_path / "cut").mkdir()
     assert run("whole") == 0
-    save = Checkpointer.save
-
-    def killed_after_step_3(self, step, *args):
-        saved = save(self, step, *args)
-        if step == 3:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(Checkpointer, "save", killed_after_step_3)
+    kill_after_checkpoint(monkeypatch, 3)
     assert run("cut") == 130
     monkeypatch.undo()
     assert sorted(losses("cut")) == [1, 2, 3]

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_layout_pipeline
+from conftest import build_tiny_layout_pipeline, kill_after_checkpoint
 from t2v import config as cfg
 from t2v import objectives, shapes
-from t2v.checkpoints import Checkpointer
 from t2v.models.generator import LatentGenerator
 from t2v.models.layout import (
     GAP,
@@ -173,15 +172,7 @@ def test_a_resumed_layout_run_repeats_the_uninterrupted_run_exactly(tmp_path, mo
         return train("generator", config, init_from=str(tmp_path / "start"), progress=False, **kw)
 
     whole = run("whole")
-    save = Checkpointer.save
-
-    def killed_after_step_2(self, step, *args):
-        saved = save(self, step, *args)
-        if step == 2:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(Checkpointer, "save", killed_after_step_2)
+    kill_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run("resumed")
     monkeypatch.undo()

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_TRAIN, build_tiny_pipeline
+from conftest import TINY_TRAIN, build_tiny_pipeline, kill_after_checkpoint
 from t2v import config as cfg
 from t2v import objectives, shapes
 from t2v import train as train_module
@@ -227,15 +227,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_run_exactly(
 ):
     run = with_autoencoder(tmp_path / "run", autoencoder_run)
     path = recipe(run, shards, steps=6, keep_checkpoints=2)
-    save = Checkpointer.save
-
-    def killed_after_step_3(self, step, *args):
-        saved = save(self, step, *args)
-        if step == 3:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(Checkpointer, "save", killed_after_step_3)
+    kill_after_checkpoint(monkeypatch, 3)
     assert train_cli(path, "generator") == 130
     monkeypatch.undo()
     assert sorted(logged(run)) == [1, 2, 3] and not (run / "model").exists()
