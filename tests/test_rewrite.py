@@ -138,6 +138,28 @@ def test_words_found_only_through_wordnet_are_read(rewriter):
         assert read(rewriter, prompt) == [truth], rewriter.rewrite(prompt)
 
 
+def test_compass_points_are_screen_directions(rewriter):
+    """North is up and east is right on the screen, as on a map; an intercardinal point
+    names both axes, and WordNet's forms of the points are read too."""
+    cases = {
+        "a red circle headed north": "up",
+        "a red circle drifting southwards": "down",
+        "a red circle bound due east": "right",
+        "a red circle going northwest": "up-left",
+        "a red circle travelling to the southeast": "down-right",
+        "a red circle heading south-west": "down-left",
+        "a red circle flying northeasterly": "up-right",
+    }
+    for prompt, direction in cases.items():
+        assert [o["direction"] for o in read(rewriter, prompt)] == [direction], prompt
+
+
+def test_no_abbreviation_or_number_is_a_table_word():
+    """WordNet's "w" (west) or "78" (a record, round) would place stray letters and digits."""
+    lexicon = json.loads((ROOT / "src/t2v/lexicon.json").read_text("utf-8"))
+    assert not [w for w in lexicon["words"] if len(w) < 3 or re.search(r"\d", w)]
+
+
 # --- reading prompts ---------------------------------------------------------------------
 
 

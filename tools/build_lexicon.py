@@ -48,7 +48,11 @@ LEXFILES = {  # lexicographer files (WordNet's lexnames) an attribute's words ma
     "direction": {0, 2, 38},  # adj.all, adv.all, verb.motion
     "motion": {38},  # verb.motion
     "object": {25},  # noun.shape
+    "compass": {0, 2, 24},  # adj.all, adv.all, noun.relation ("northwest", a compass point)
 }
+# Screen directions by the map convention (north at the top, east on the right): one table,
+# and the intercardinal points composed from it ("northwest" -> up-left).
+COMPASS = {"north": "up", "south": "down", "east": "right", "west": "left"}
 SEED_POS = {"shape": "n"}  # a shape word's own senses: nouns ("cross" the adjective is angry)
 # Pointers followed from a caption word's senses: the first step may take any of FIRST (and a
 # hypernym from a shape: "sphere" is above "ball"); later steps only NEXT, and only after a
@@ -177,6 +181,18 @@ def seeds(vocabulary: dict) -> dict[str, str]:
     return out
 
 
+def compass_points(vocabulary: dict) -> dict[str, str]:
+    """The compass points as screen directions (COMPASS), "northwest" as up-left: each is
+    looked up in WordNet like a caption word ("westward", "northeasterly")."""
+    out = {w: f"direction:{d}" for w, d in COMPASS.items()}
+    for v in ("north", "south"):
+        for h in ("east", "west"):
+            name = f"{COMPASS[v]}-{COMPASS[h]}"
+            if name in vocabulary["values"]["direction"]:
+                out[v + h] = f"direction:{name}"
+    return out
+
+
 def expand(
     vocabulary: dict,
     settings: Settings = Settings(),
@@ -199,8 +215,9 @@ def expand(
     for name, colour in colour_names(vocabulary, settings, rgb).items():
         reach(name, "a", 2.5, f"color:{colour}")  # after WordNet's synonyms
     shape_senses: list[str] = []
-    for word, label in seeds(vocabulary).items():
-        attr = label.split(":")[0]
+    starts = [(w, label.split(":")[0], label) for w, label in seeds(vocabulary).items()]
+    starts += [(w, "compass", label) for w, label in compass_points(vocabulary).items()]
+    for word, attr, label in starts:
         frontier = {k: "" for k in _seed_synsets(wn, word, attr, settings)}
         if attr == "shape":
             shape_senses += frontier
@@ -233,7 +250,11 @@ def expand(
     words = {
         w: labels.pop()
         for w, (_, labels) in sorted(best.items())
-        if len(labels) == 1 and w not in vocabulary["words"] and w not in FUNCTION_WORDS
+        if len(labels) == 1
+        and w not in vocabulary["words"]
+        and w not in FUNCTION_WORDS
+        and len(w) > 2
+        and not any(c.isdigit() for c in w)  # "s", "lp", "78"
     }
     forms = {
         form: sorted(bases & words.keys())

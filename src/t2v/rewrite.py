@@ -112,7 +112,7 @@ class Rewriter:
     def __init__(self, vocabulary: dict, lexicon: dict | None = None):
         lexicon = lexicon or {"words": {}, "forms": {}}
         self.vocabulary = vocabulary
-        known = {label for label in vocabulary["words"].values()}
+        known = {f"{a}:{v}" for a, values in vocabulary["values"].items() for v in values}
         known |= {"motion:", "object:"}
         # Only lexicon entries that name a label this model knows (another model folder may
         # have another vocabulary).
@@ -189,7 +189,7 @@ class Rewriter:
             if attr == "direction" and value == "still" or (attr == "motion" and negated):
                 obj.still = True
             elif attr == "direction" and not origin:
-                obj.axes.append(value)
+                obj.axes += value.split("-")  # "northwest" is up-left: both axes
             elif attr in ("color", "shape", "size"):
                 obj.values.setdefault(attr, value)
             negated = False
