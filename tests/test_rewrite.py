@@ -154,6 +154,29 @@ def test_compass_points_are_screen_directions(rewriter):
         assert [o["direction"] for o in read(rewriter, prompt)] == [direction], prompt
 
 
+def test_colour_names_are_read_by_hue_and_by_their_head_word(rewriter):
+    """An X11 colour's measured hue beats WordNet's "a kind of blue", and its WordNet
+    synonyms share it; a colour name that ends in a caption colour is that colour, and so
+    are its synonyms; a negated one ("non-white") is none."""
+    from dev_paraphrases import dev_words
+
+    from t2v import evaluate
+
+    cases = {
+        "aquamarine": "cyan",  # X11 hue 160; WordNet files it under blue
+        "aureate": "yellow",  # a synonym of X11's "gold"
+        "pearly": "white",  # a synonym of "pearly white"
+        "mahogany": "red",  # a synonym of "reddish brown"
+        "sky blue": "blue",  # by its head word, though its hue is nearer cyan
+    }
+    assert not set(cases) & (dev_words() | _eval_words(evaluate))
+    for word, colour in cases.items():
+        assert read(rewriter, f"a {word} triangle") == [
+            {"color": colour, "shape": "triangle", "direction": None}
+        ], word
+    assert rewriter.label("non white") is None and rewriter.label("coloured") is None
+
+
 def test_no_abbreviation_or_number_is_a_table_word():
     """WordNet's "w" (west) or "78" (a record, round) would place stray letters and digits."""
     lexicon = json.loads((ROOT / "src/t2v/lexicon.json").read_text("utf-8"))

@@ -146,9 +146,12 @@ def _hsv(rgb) -> tuple[float, float, float]:
     return 360 * h, s, v
 
 
-def colour_names(vocabulary: dict, settings: Settings, path: Path = RGB_TXT) -> dict[str, str]:
-    """X11's colour names (rgb.txt), each read as the nearest caption colour: by hue for a
-    saturated colour, white for a light unsaturated one; none for dark, grey or far hues."""
+def colour_names(
+    vocabulary: dict, settings: Settings, path: Path = RGB_TXT
+) -> dict[str, tuple[str, bool]]:
+    """X11's colour names (rgb.txt), each read as the nearest caption colour, and whether by
+    hue: by hue for a saturated colour, white for a light unsaturated one (not by hue);
+    none for dark, grey or far hues."""
     palette = {c: _hsv(rgb) for c, rgb in vocabulary["rgb"].items()}
     white = [c for c, (_, s, v) in palette.items() if s < 0.2]
     out = {}
@@ -159,15 +162,43 @@ def colour_names(vocabulary: dict, settings: Settings, path: Path = RGB_TXT) -> 
         name = m[4].strip()
         h, s, v = _hsv([int(m[i]) for i in (1, 2, 3)])
         if s < 0.2 and v > 0.85:
-            out[name] = white[0]
+            out[name] = (white[0], False)
             continue
         if v < 0.3 or s < 0.25:
             continue  # black, grey, dark: no caption colour is near
         dist = {c: min(abs(h - ch), 360 - abs(h - ch)) for c, (ch, cs, _) in palette.items()}
         nearest = min((c for c in dist if palette[c][1] >= 0.2), key=dist.get)
         if dist[nearest] <= settings.hue:
-            out[name] = nearest
+            out[name] = (nearest, True)
     return out
+
+
+def colour_synsets(wn: WordNet) -> set[str]:
+    """WordNet's colour senses: nouns under "color" (the visual property), adjectives similar
+    to "chromatic" or "achromatic" or derived from such a noun ("golden", not "gloomy")."""
+    roots = {k for k in wn.index.get("color", ()) if "visual property" in _hypernyms(wn, k)}
+    nouns = {k for k in wn.synsets if k[0] == "n" and roots & _ancestors(wn, k)}
+    heads = {k for w in ("chromatic", "achromatic") for k in wn.index.get(w, ()) if k[0] == "a"}
+    adjs = {
+        k
+        for k, s in wn.synsets.items()
+        if k[0] == "a" and any(t in heads or t in nouns for sym, t in s.pointers if sym in "&+")
+    }
+    return nouns | adjs
+
+
+def _hypernyms(wn: WordNet, key: str) -> set[str]:
+    return {
+        lemma for sym, t in wn.synsets[key].pointers if sym == "@" for lemma in wn.synsets[t].lemmas
+    }
+
+
+def _ancestors(wn: WordNet, key: str) -> set[str]:
+    out, frontier = set(), {key}
+    while frontier:
+        frontier = {t for k in frontier for sym, t in wn.synsets[k].pointers if sym == "@"} - out
+        out |= frontier
+    return out | {key}
 
 
 def seeds(vocabulary: dict) -> dict[str, str]:
@@ -212,8 +243,29 @@ def expand(
         elif cost == old[0]:
             old[1].add(label)
 
-    for name, colour in colour_names(vocabulary, settings, rgb).items():
-        reach(name, "a", 2.5, f"color:{colour}")  # after WordNet's synonyms
+    # Colours: a colour sense whose name ends in a caption colour is that colour ("cobalt
+    # blue"). An X11 name read by its measured hue beats WordNet's "a kind of blue"
+    # ("turquoise"); a light tint read as white does not ("azure" stays blue). Its WordNet
+    # colour synonyms share its reading ("gold": "golden"; "aqua" beside "aquamarine"), and
+    # synonyms of names that disagree are left out (a tie).
+    colours, senses = vocabulary["values"]["color"], colour_synsets(wn)
+    for key in senses:
+        for lemma in wn.synsets[key].lemmas:
+            first, *_, last = lemma.split() if " " in lemma else ("", "")
+            if last in colours and first not in ("non", "not"):  # "non-white" is no white
+                reach(lemma, key[0], 0.5, f"color:{last}")
+                for other in wn.synsets[key].lemmas:  # "snowy" beside "snow white"
+                    reach(other, key[0], 1.8, f"color:{last}")
+    for name, (colour, by_hue) in colour_names(vocabulary, settings, rgb).items():
+        if name.split()[-1] in colours:  # "sky blue" is a blue, whatever its hue
+            colour = name.split()[-1]
+        reach(name, "a", 1.5 if by_hue else 2.5, f"color:{colour}")
+        if not by_hue or name in colours:
+            continue
+        for key in wn.index.get(name, ()):
+            if key in senses:
+                for lemma in wn.synsets[key].lemmas:
+                    reach(lemma, key[0], 1.75, f"color:{colour}")
     shape_senses: list[str] = []
     starts = [(w, label.split(":")[0], label) for w, label in seeds(vocabulary).items()]
     starts += [(w, "compass", label) for w, label in compass_points(vocabulary).items()]
