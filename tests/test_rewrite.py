@@ -177,6 +177,21 @@ def test_colour_names_are_read_by_hue_and_by_their_head_word(rewriter):
     assert rewriter.label("non white") is None and rewriter.label("coloured") is None
 
 
+def test_a_solid_is_read_by_the_shape_its_definition_names(rewriter):
+    """WordNet relates "regular tetrahedron" to no caption shape; its definition ("... four
+    triangular faces") names one. A plane curve whose definition names one ("hyperbola":
+    "... a right circular cone") is not drawn as it."""
+    from dev_paraphrases import dev_words
+
+    from t2v import evaluate
+
+    assert not {"regular", "tetrahedron", "hyperbola"} & (dev_words() | _eval_words(evaluate))
+    assert read(rewriter, "a small regular tetrahedron moving left") == [
+        {"size": "small", "shape": "triangle", "direction": "left"}
+    ]
+    assert rewriter.label("hyperbola") is None
+
+
 def test_no_abbreviation_or_number_is_a_table_word():
     """WordNet's "w" (west) or "78" (a record, round) would place stray letters and digits."""
     lexicon = json.loads((ROOT / "src/t2v/lexicon.json").read_text("utf-8"))

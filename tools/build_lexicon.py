@@ -66,6 +66,7 @@ class Synset:
     lexfile: int
     lemmas: list[str]
     pointers: list[tuple[str, str]]  # (symbol, synset key)
+    gloss: str = ""  # the definition, without its examples
 
 
 @dataclass
@@ -92,7 +93,8 @@ def read_wordnet(root: Path = WORDNET) -> WordNet:
         for line in (root / f"data.{name}").read_text("utf-8", "replace").splitlines():
             if line.startswith("  "):
                 continue  # the licence header
-            f = line.split(" | ")[0].split()
+            head, _, gloss = line.partition(" | ")
+            f = head.split()
             n = int(f[3], 16)
             lemmas = [_lemma(f[4 + 2 * i]) for i in range(n)]
             k = 4 + 2 * n
@@ -100,7 +102,8 @@ def read_wordnet(root: Path = WORDNET) -> WordNet:
             for i in range(int(f[k])):
                 sym, off, p = f[k + 1 + 4 * i : k + 4 + 4 * i]
                 pointers.append((sym, f"{'a' if p == 's' else p}:{off}"))
-            synsets[f"{pos}:{f[0]}"] = Synset(int(f[1]), lemmas, pointers)
+            gloss = gloss.split(";")[0].strip()
+            synsets[f"{pos}:{f[0]}"] = Synset(int(f[1]), lemmas, pointers, gloss)
         for line in (root / f"index.{name}").read_text("utf-8", "replace").splitlines():
             if line.startswith("  "):
                 continue
@@ -234,8 +237,8 @@ def expand(
     wn = wn or read_wordnet()
     best: dict[str, tuple[float, set[str]]] = {}
 
-    def reach(lemma: str, pos: str, cost: float, label: str) -> None:
-        if not wn.usual(lemma, pos, settings.share):
+    def reach(lemma: str, pos: str, cost: float, label: str, usual: bool = True) -> None:
+        if usual and not wn.usual(lemma, pos, settings.share):
             return
         old = best.get(lemma)
         if old is None or cost < old[0]:
@@ -267,12 +270,18 @@ def expand(
                 for lemma in wn.synsets[key].lemmas:
                     reach(lemma, key[0], 1.75, f"color:{colour}")
     shape_senses: list[str] = []
+    adjectives: dict[str, str] = {}  # a shape's derived adjectives: "triangular"
     starts = [(w, label.split(":")[0], label) for w, label in seeds(vocabulary).items()]
     starts += [(w, "compass", label) for w, label in compass_points(vocabulary).items()]
     for word, attr, label in starts:
         frontier = {k: "" for k in _seed_synsets(wn, word, attr, settings)}
         if attr == "shape":
             shape_senses += frontier
+            for key in frontier:
+                for sym, target in wn.synsets[key].pointers:
+                    if sym == "+" and target[0] == "a":
+                        for lemma in wn.synsets[target].lemmas:
+                            adjectives.setdefault(lemma, label)
         seen = set(frontier)
         for step in range(settings.depth + 1):
             nxt: dict[str, str] = {}
@@ -291,6 +300,19 @@ def expand(
                         seen.add(target)
                         nxt[target] = sym
             frontier = nxt
+    # A solid that WordNet relates to no caption shape is drawn as the shape its definition
+    # names by a derived adjective, its outline on the screen: "pyramid" ("... triangular
+    # sides"), not a plane curve ("hyperbola": "... a right circular cone").
+    # After every relation, before "a shape"; a noun.shape sense is a noun, however seldom
+    # SemCor tagged it so ("pyramid": once, as a verb).
+    solids = {k for k in wn.index.get("solid", ()) if wn.synsets[k].lexfile == 25}
+    for key, synset in wn.synsets.items():
+        if synset.lexfile not in LEXFILES["object"] or not solids & _ancestors(wn, key):
+            continue
+        named = {adjectives[w] for w in re.findall(r"[a-z]+", synset.gloss) if w in adjectives}
+        if len(named) == 1:
+            for lemma in set(synset.lemmas) - best.keys():
+                reach(lemma, "n", settings.depth + 1.5, *named, usual=False)
     # Hypernyms of the shapes ("figure", "polygon", "shape") name an object, not its shape.
     frontier = set(shape_senses)
     for step in range(1, settings.hypernym_depth + 1):
