@@ -198,6 +198,37 @@ def test_no_abbreviation_or_number_is_a_table_word():
     assert not [w for w in lexicon["words"] if len(w) < 3 or re.search(r"\d", w)]
 
 
+def _tiny_wordnet(root: Path, noun: list[str], index_noun: str) -> Path:
+    """A WordNet of a few nouns, in WordNet's own file format."""
+    (root / "data.noun").write_text("".join(line + " | gloss\n" for line in noun))
+    (root / "index.noun").write_text(index_noun)
+    for name in ("data.adj", "data.verb", "data.adv", "index.adj", "index.verb", "index.adv"):
+        (root / name).write_text("")
+    for name in ("cntlist.rev", "noun.exc", "verb.exc", "adj.exc", "adv.exc", "rgb.txt"):
+        (root / name).write_text("")
+    return root
+
+
+def test_a_kind_of_shape_outranks_a_thing_of_a_shape(tmp_path, vocabulary):
+    """ "shim" is both a kind of triangle (noun.shape) and a kind of block (noun.artifact):
+    the shape sense says what it looks like, so it is read as a triangle, not dropped."""
+    from build_lexicon import Settings, expand, read_wordnet
+
+    root = _tiny_wordnet(
+        tmp_path,
+        [
+            "00000030 25 n 01 triangle 0 001 ~ 00000040 n 0000",
+            "00000031 06 n 01 block 0 001 ~ 00000041 n 0000",
+            "00000040 25 n 01 shim 0 001 @ 00000030 n 0000",
+            "00000041 06 n 01 shim 0 001 @ 00000031 n 0000",
+        ],
+        "triangle n 1 1 ~ 1 0 00000030\nblock n 1 1 ~ 1 0 00000031\n"
+        "shim n 2 1 @ 2 0 00000040 00000041\n",
+    )
+    lexicon = expand(vocabulary, Settings(), read_wordnet(root), root / "rgb.txt")
+    assert lexicon["words"] == {"shim": "shape:triangle"}
+
+
 # --- reading prompts ---------------------------------------------------------------------
 
 

@@ -53,6 +53,7 @@ LEXFILES = {  # lexicographer files (WordNet's lexnames) an attribute's words ma
 # Screen directions by the map convention (north at the top, east on the right): one table,
 # and the intercardinal points composed from it ("northwest" -> up-left).
 COMPASS = {"north": "up", "south": "down", "east": "right", "west": "left"}
+ARTIFACT = 6  # noun.artifact
 SEED_POS = {"shape": "n"}  # a shape word's own senses: nouns ("cross" the adjective is angry)
 # Pointers followed from a caption word's senses: the first step may take any of FIRST (and a
 # hypernym from a shape: "sphere" is above "ball"); later steps only NEXT, and only after a
@@ -288,8 +289,11 @@ def expand(
             for key, via in frontier.items():
                 if wn.synsets[key].lexfile not in LEXFILES[attr]:
                     continue
+                # A thing of a shape ("chock, wedge": a block) names it less surely than a
+                # shape does ("wedge": a triangle).
+                thing = 0.5 if wn.synsets[key].lexfile == ARTIFACT else 0.0
                 for lemma in wn.synsets[key].lemmas:
-                    reach(lemma, key[0], step + 1, label)
+                    reach(lemma, key[0], step + 1 + thing, label)
                 allowed = FIRST.keys() | ({"@"} if attr == "shape" else set()) if not via else NEXT
                 if via and via not in NEXT:
                     continue
