@@ -192,6 +192,20 @@ def test_a_solid_is_read_by_the_shape_its_definition_names(rewriter):
     assert rewriter.label("hyperbola") is None
 
 
+def test_a_way_of_moving_with_a_direction_is_read_as_the_direction(rewriter):
+    """WordNet files "climb" both under moving (a generic motion word) and under rising: the
+    direction is what it adds, so it is read, not dropped as a tie."""
+    from dev_paraphrases import dev_words
+
+    from t2v import evaluate
+
+    assert not {"climbing", "sinking"} & (dev_words() | _eval_words(evaluate))
+    assert read(rewriter, "a red square climbing") == [
+        {"color": "red", "shape": "square", "direction": "up"}
+    ]
+    assert read(rewriter, "a red square sinking")[0]["direction"] == "down"
+
+
 def test_no_abbreviation_or_number_is_a_table_word():
     """WordNet's "w" (west) or "78" (a record, round) would place stray letters and digits."""
     lexicon = json.loads((ROOT / "src/t2v/lexicon.json").read_text("utf-8"))

@@ -325,6 +325,9 @@ def expand(
             if wn.synsets[key].lexfile in LEXFILES["object"]:
                 for lemma in wn.synsets[key].lemmas:
                     reach(lemma, "n", settings.depth + 1 + step, GENERIC_OBJECT)
+    for _, labels in best.values():  # "climb": a way of moving, and upward: up
+        if len(labels - {GENERIC_MOTION, GENERIC_OBJECT}) == 1:
+            labels -= {GENERIC_MOTION, GENERIC_OBJECT}
     words = {
         w: labels.pop()
         for w, (_, labels) in sorted(best.items())
