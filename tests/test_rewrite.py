@@ -178,7 +178,7 @@ def test_colour_names_are_read_by_hue_and_by_their_head_word(rewriter):
     assert rewriter.label("non white") is None and rewriter.label("coloured") is None
 
 
-def test_a_solid_is_read_by_the_shape_its_definition_names(rewriter):
+def test_a_body_is_read_by_the_shape_its_definition_names(rewriter):
     """WordNet relates "regular tetrahedron" to no caption shape; its definition ("... four
     triangular faces") names one. A plane curve whose definition names one ("hyperbola":
     "... a right circular cone") is not drawn as it."""
@@ -186,12 +186,15 @@ def test_a_solid_is_read_by_the_shape_its_definition_names(rewriter):
 
     from t2v import evaluate
 
-    clash = sorted({"regular", "tetrahedron", "hyperbola"} & (dev_words() | _eval_words(evaluate)))
+    novel = {"regular", "tetrahedron", "hyperbola", "fold", "bead"}
+    clash = sorted(novel & (dev_words() | _eval_words(evaluate)))
     assert clash == []
     assert read(rewriter, "a small regular tetrahedron moving left") == [
         {"size": "small", "shape": "triangle", "direction": "left"}
     ]
-    assert rewriter.label("hyperbola") is None
+    assert rewriter.label("hyperbola") is None and rewriter.label("fold") is None
+    # "a shape that is spherical and small": an adjective similar to "circular" names it.
+    assert read(rewriter, "a bead")[0]["shape"] == "circle"
 
 
 def test_a_way_of_moving_with_a_direction_is_read_as_the_direction(rewriter):

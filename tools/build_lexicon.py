@@ -54,6 +54,8 @@ LEXFILES = {  # lexicographer files (WordNet's lexnames) an attribute's words ma
 # and the intercardinal points composed from it ("northwest" -> up-left).
 COMPASS = {"north": "up", "south": "down", "east": "right", "west": "left"}
 ARTIFACT = 6  # noun.artifact
+# WordNet's bodies (noun.shape): one is drawn as its outline, read from its definition.
+BODIES = ("solid", "round shape")
 SEED_POS = {"shape": "n"}  # a shape word's own senses: nouns ("cross" the adjective is angry)
 # Pointers followed from a caption word's senses: the first step may take any of FIRST (and a
 # hypernym from a shape: "sphere" is above "ball"); later steps only NEXT, and only after a
@@ -280,9 +282,11 @@ def expand(
             shape_senses += frontier
             for key in frontier:
                 for sym, target in wn.synsets[key].pointers:
-                    if sym == "+" and target[0] == "a":
-                        for lemma in wn.synsets[target].lemmas:
-                            adjectives.setdefault(lemma, label)
+                    if sym == "+" and target[0] == "a":  # and those similar: "spherical"
+                        similar = [t for p, t in wn.synsets[target].pointers if p == "&"]
+                        for adj in (target, *similar):
+                            for lemma in wn.synsets[adj].lemmas:
+                                adjectives.setdefault(lemma, label)
         seen = set(frontier)
         for step in range(settings.depth + 1):
             nxt: dict[str, str] = {}
@@ -304,14 +308,15 @@ def expand(
                         seen.add(target)
                         nxt[target] = sym
             frontier = nxt
-    # A solid that WordNet relates to no caption shape is drawn as the shape its definition
-    # names by a derived adjective, its outline on the screen: "pyramid" ("... triangular
-    # sides"), not a plane curve ("hyperbola": "... a right circular cone").
+    # A body (BODIES) that WordNet relates to no caption shape is drawn as the shape its
+    # definition names by an adjective of a caption shape, its outline on the screen:
+    # "pyramid" ("... triangular sides"), "sphere" ("... a spherical surface"); not a plane
+    # curve ("hyperbola": "... a right circular cone"), nor a fold ("... an angular shape").
     # After every relation, before "a shape"; a noun.shape sense is a noun, however seldom
     # SemCor tagged it so ("pyramid": once, as a verb).
-    solids = {k for k in wn.index.get("solid", ()) if wn.synsets[k].lexfile == 25}
+    bodies = {k for w in BODIES for k in wn.index.get(w, ()) if wn.synsets[k].lexfile == 25}
     for key, synset in wn.synsets.items():
-        if synset.lexfile not in LEXFILES["object"] or not solids & _ancestors(wn, key):
+        if synset.lexfile not in LEXFILES["object"] or not bodies & _ancestors(wn, key):
             continue
         named = {adjectives[w] for w in re.findall(r"[a-z]+", synset.gloss) if w in adjectives}
         if len(named) == 1:
