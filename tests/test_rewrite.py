@@ -299,6 +299,12 @@ def test_unknown_words_are_named_and_the_prompt_still_generates(rewriter):
     assert reading.prompt == "a red moving left"  # the unknown word left out
 
 
+def test_words_that_name_an_attribute_are_not_reported(rewriter):
+    """ "A gold-coloured shape" names no word the model does not know."""
+    reading = rewriter.rewrite("a gold-coloured shape, small-sized, moving left")
+    assert reading.prompt == "a small yellow moving left" and reading.unknown == ()
+
+
 def test_the_warning_stays_short_and_reads_any_script(rewriter):
     reading = rewriter.rewrite("a " + "x" * 400 + " " + " ".join(f"w{c}q" for c in "abcdefghij"))
     assert len(reading.warnings[0]) < 300 and "and 3 more words" in reading.warnings[0]

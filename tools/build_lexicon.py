@@ -6,9 +6,12 @@
    no value ("moving", "diagonally"), and the canonical caption form.
 2. ``src/t2v/lexicon.json``: English words that WordNet relates to those caption words
    (synonyms, similar-to adjectives, hyponyms, derivations, pertainyms; hypernyms for the
-   generic "a shape" words), each with the label it reaches first, X11's colour names read
-   as the caption colour nearest in hue, and the irregular forms of those words. Users need
-   no WordNet at run time. The settings were chosen on the DEV set (tools/dev_paraphrases.py).
+   generic "a shape" words), each with the label it reaches first; the compass points as
+   screen directions (COMPASS: north is up) and their WordNet forms; X11's colour names read
+   as the caption colour nearest in hue, with their WordNet colour synonyms; bodies read by
+   the shape their definition names ("pyramid": triangular sides); and the irregular forms
+   of those words. Users need no WordNet at run time. The settings and rules were chosen on
+   the DEV set (tools/dev_paraphrases.py) only.
 
 Needs Debian's WordNet database and X11's colour names at build time only
 (``apt-get install -y wordnet-base x11-common``: /usr/share/wordnet, /usr/share/X11/rgb.txt);

@@ -11,9 +11,10 @@ the form of a training caption.
   patterns of the training captions and the canonical form (tools/build_lexicon.py derives
   it from the caption grammar).
 - ``lexicon.json`` beside this module: English words that WordNet relates to those words
-  ("crimson" -> color:red, "descend" -> direction:down, "figure" -> an object of any shape)
-  and X11's colour names by hue ("deep sky blue" -> color:cyan), distilled from WordNet 3.0
-  and rgb.txt by tools/build_lexicon.py, so neither is needed here.
+  ("crimson" -> color:red, "descend" -> direction:down, "figure" -> an object of any shape),
+  compass points as screen directions ("northwest" -> direction:up-left) and X11's colour
+  names by hue ("turquoise" -> color:cyan), distilled from WordNet 3.0 and rgb.txt by
+  tools/build_lexicon.py, so neither is needed here.
 
 A word that neither table places, nor a function word, is reported: the model draws the
 rest of the prompt and the caller shows the warning.
@@ -47,6 +48,9 @@ FUNCTION_WORDS = frozenset(
     behind beside near next way whilst who's gets get getting keeps keep keeping itself
     slowly quickly steadily gently smoothly continuously constantly black background
     canvas screen dark empty plain solid filled""".split()
+) | frozenset(  # words that name an attribute or an object, not which ("gold-coloured")
+    """shape shapes shaped object objects thing things item items color colour colors colours
+    colored coloured hued tinted size sized""".split()
 )
 NEGATIONS = frozenset({"not", "no", "never", "without", "nothing", "isn't", "doesn't"})
 # Words that may open another object's noun phrase ("the" seldom does: "to the left").
