@@ -212,14 +212,6 @@ def test_a_way_of_moving_with_a_direction_is_read_as_the_direction(rewriter):
     assert read(rewriter, "a red square settling")[0]["direction"] == "down"
 
 
-def test_a_base_form_that_names_a_direction_beats_a_generic_reading(vocabulary):
-    """A table may have a word only as a way of moving (WordNet's "lower"); its base form
-    ("low": down) says which way, and is read."""
-    lexicon = {"words": {"plunger": "motion:", "plunge": "direction:down"}, "forms": {}}
-    reading = Rewriter(vocabulary, lexicon).rewrite("a red square plunger to the left")
-    assert reading.prompt == "a red square moving down-left"
-
-
 def test_no_abbreviation_or_number_is_a_table_word():
     """WordNet's "w" (west) or "78" (a record, round) would place stray letters and digits."""
     lexicon = json.loads((ROOT / "src/t2v/lexicon.json").read_text("utf-8"))

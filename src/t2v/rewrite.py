@@ -144,16 +144,13 @@ class Rewriter:
     # --- reading ---------------------------------------------------------------------------
     def label(self, phrase: str) -> str | None:
         """The label of a word or phrase: a caption word's own, else the lexicon's."""
-        words, generic = phrase.split(), None
+        words = phrase.split()
         for i, w in enumerate(words):  # each word's base forms in turn ("moves up")
             for base in base_forms(w, self.forms):
                 candidate = " ".join([*words[:i], base, *words[i + 1 :]])
-                label = self.words.get(candidate)
-                if label is not None and label.endswith(":"):
-                    generic = generic or label  # a base may say more: "lower" (low: down)
-                elif label is not None:
-                    return label
-        return generic
+                if candidate in self.words:
+                    return self.words[candidate]
+        return None
 
     def pattern(self, words: list[str]) -> str | None:
         """The clause with each caption word replaced by its attribute, if all are caption
