@@ -174,9 +174,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON mapping."""
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s values in place of its own, section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def read_file(path: str | Path, _within: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON mapping. A top-level ``base: other.yaml`` (relative to the
+    file) reads that file first and puts this one's values over it, so a variant of a
+    recipe names only what it changes."""
     path = Path(path)
+    if path.resolve() in _within:
+        raise ConfigError(f"Config file {path} names itself as a base, through 'base:'.")
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
     text = path.read_text(encoding="utf-8")
@@ -195,7 +208,12 @@ def read_file(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of keys to values.")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"'base' in {path} must be the path of another config file.")
+    return _merged(read_file(path.parent / base, (*_within, path.resolve())), data)
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
