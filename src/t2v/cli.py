@@ -17,6 +17,11 @@ from t2v.runtime import add_run_options  # no torch: --help stays instant
 FORMAT_CHOICES = ("mp4", "webm", "gif", "png")
 
 
+# What --model takes besides a folder (t2v.pipeline_config.BUNDLED).
+BUNDLED_HELP = (
+    "a bundled model's id: t2v-moving-shapes (the default, 4 steps) or "
+    "t2v-moving-shapes-teacher (the 20-step model it was distilled from)"
+)
 KNOB = "{knob}"  # in a help text: the option's default and limits in the bundled model
 
 
@@ -317,8 +322,8 @@ def _add_generate(sub) -> None:
         "--model",
         type=Path,
         default=None,
-        help="a t2v model folder, or a diffusers text-to-video folder (one with"
-        " model_index.json); default: the bundled Moving Shapes model",
+        help="a t2v model folder, a diffusers text-to-video folder (one with"
+        f" model_index.json), or {BUNDLED_HELP}",
     )
     add_run_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="batch mode: clips per batch")
@@ -360,7 +365,7 @@ def _generate(a) -> None:
 
 def _add_eval(sub) -> None:
     p = _parser(sub, "eval", "Score a model on the Moving Shapes evaluation split.")
-    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help=f"a model folder, or {BUNDLED_HELP}")
     p.add_argument("--count", type=int, default=240, help="evaluation prompts in all")
     p.add_argument(
         "--out",

@@ -15,18 +15,29 @@ from t2v.model import MAX_FPS, MAX_GUIDANCE, MAX_STEPS, MIN_FPS, FloatRange, Int
 from t2v.text import DEFAULT_MAX_CHARS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+# The bundled default's teacher: the full sampler (guided Euler steps) that the default, a
+# few-step student, was distilled from.
+TEACHER_MODEL_DIR = Path(__file__).parent / "teacher_model"
+# The bundled models by the id they are served and reported as; --model takes these too.
+BUNDLED = {"t2v-moving-shapes": DEFAULT_MODEL_DIR, "t2v-moving-shapes-teacher": TEACHER_MODEL_DIR}
 FORMAT_VERSION = 1  # of a t2v model folder; a folder of a newer format is refused
 
 
 def model_folder(path: str | Path | None) -> Path:
-    """The folder ``path`` names: the bundled model for None."""
-    return DEFAULT_MODEL_DIR if path is None else Path(path).expanduser()
+    """The folder ``path`` names: the bundled model for None, a bundled model for its id
+    (unless a folder of that name is there), else the path."""
+    if path is None:
+        return DEFAULT_MODEL_DIR
+    folder = Path(path).expanduser()
+    if str(path) in BUNDLED and not folder.exists():
+        return BUNDLED[str(path)]
+    return folder
 
 
 def model_id(folder: Path) -> str:
-    """The id a model is served and reported as: t2v-moving-shapes for the bundled one, else
-    the folder's name."""
-    return "t2v-moving-shapes" if folder == DEFAULT_MODEL_DIR else folder.name
+    """The id a model is served and reported as: a bundled model's id, else the folder's
+    name."""
+    return next((name for name, where in BUNDLED.items() if folder == where), folder.name)
 
 
 @dataclass

@@ -53,8 +53,9 @@ def register_cli(subparsers) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="model directory that this node's workers run (default: the model bundled with "
-        "t2v); not with --workers 0, whose models are those `t2v worker` processes serve",
+        help="the model folder (or bundled model id, see `t2v generate --help`) that this "
+        "node's workers run (default: the model bundled with t2v); not with --workers 0, "
+        "whose models are those `t2v worker` processes serve",
     )
     serve.add_argument(
         "--default-model",
@@ -200,6 +201,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from t2v.pipeline_config import model_folder
     from t2v.serve.config import ServeConfig
 
     if not args.auth and not _is_loopback(args.host):
@@ -207,7 +209,7 @@ def _serve(args: argparse.Namespace) -> None:
             f"Refusing to serve on {args.host} without --auth; add --auth (keys come "
             "from `t2v keys create`) or listen on 127.0.0.1."
         )
-    if args.model is not None and not args.model.is_dir():
+    if args.model is not None and not model_folder(args.model).is_dir():
         raise UserError(f"The model directory {args.model} does not exist; check --model.")
     if not args.blocklist.is_file():
         raise UserError(f"The blocklist {args.blocklist} does not exist; check --blocklist.")
@@ -426,7 +428,8 @@ def _register_worker(subparsers, data_dir_option) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="the model folder this worker serves (default: the model bundled with t2v)",
+        help="the model folder (or bundled model id, see `t2v generate --help`) this worker "
+        "serves (default: the model bundled with t2v)",
     )
     data_dir_option(worker)
     add_run_options(worker)
