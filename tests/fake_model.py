@@ -1,8 +1,9 @@
 """A `VideoModel` that draws a flat colour in a few milliseconds per step, for queue and
 worker tests that are about jobs, not pixels. `launch_args` runs `t2v` with it.
 
-It takes the bundled model's knobs (read from its JSON files), so an API node that checks
-requests against the bundled model queues jobs this model accepts. A prompt that starts
+It takes the bundled teacher's knobs (read from its JSON files: up to 100 steps, so a test
+can make a long job), so an API node that checks requests against the teacher queues jobs
+this model accepts. A prompt that starts
 with "slow" takes `SLOW_STEP_S` per step, so a test can act in the middle of that job.
 With `log` set, each finished video appends its prompt to that file (one line, O_APPEND),
 so a test across processes can count how often each job was really generated.
@@ -27,7 +28,7 @@ SLOW_STEP_S = 0.05
 class FakeModel:
     """Each step sleeps `step_s` (or `SLOW_STEP_S` for a "slow..." prompt), then reports."""
 
-    knobs = read_knobs()
+    knobs = read_knobs("t2v-moving-shapes-teacher")
 
     def __init__(self, name: str = "fake", step_s: float = 0.0, log: str | None = None):
         self.info = ModelInfo(id=name, kind="fake", description="A flat colour, for tests.")

@@ -257,7 +257,8 @@ def test_knob_help_is_read_from_the_models_knobs(monkeypatch):
         return " ".join(out.getvalue().split())
 
     shown = help_text()
-    assert f"the bundled model's is {bundled.steps.default}, from 1 to 100" in shown
+    steps = bundled.steps
+    assert f"the bundled model's is {steps.default}, from {steps.lo} to {steps.hi}" in shown
     assert f"the bundled model takes only {bundled.frames.default}" in shown
     wan_like = dataclasses.replace(bundled, frames=IntRange(33, 5, 81, multiple=4, offset=1))
     monkeypatch.setattr(t2v.backends, "read_knobs", lambda path=None: wan_like)

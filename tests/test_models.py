@@ -4,6 +4,7 @@ import math
 import shutil
 import stat
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -483,9 +484,9 @@ def test_one_seed_per_prompt(pipe):
         pipe.generate([PROMPT, PROMPT], [1])
 
 
-# SHA-256 of the shipped model's clips below (one thread), recorded when the layout model
-# (model 7) was shipped: a refactor must leave what the default model generates bit for bit.
-DEFAULT_MODEL_CLIPS = "4fa9bb615a015f3bb856c9b3b02306011ae29f1dae7b1942c0532aef3f7156e6"
+# SHA-256 of the shipped model's clips below (one thread), recorded when the 4-step student
+# of model 7 was shipped: a refactor must leave what the default model generates bit for bit.
+DEFAULT_MODEL_CLIPS = "1ed842950d9554cb9be7c231d4bc4d017579d53ac71d1c27f51256be64e105e0"
 
 
 def test_the_shipped_model_generates_the_same_frames_for_a_fixed_seed():
@@ -498,3 +499,30 @@ def test_the_shipped_model_generates_the_same_frames_for_a_fixed_seed():
         steps=4,
     )
     assert hashlib.sha256(clips.tobytes()).hexdigest() == DEFAULT_MODEL_CLIPS
+
+
+def test_the_bundled_models_are_a_few_step_default_and_the_teacher_it_came_from():
+    """The default samples in at most 4 steps with guidance inside; its teacher, the full
+    guided sampler, ships beside it with the same autoencoder."""
+    from t2v.pipeline_config import DEFAULT_MODEL_DIR, TEACHER_MODEL_DIR
+
+    student = TextToVideoPipeline.from_pretrained(device="cpu")
+    teacher = TextToVideoPipeline.from_pretrained("t2v-moving-shapes-teacher", device="cpu")
+    assert student.config.sampler == "shortcut" and student.config.steps <= 4
+    assert teacher.config.sampler == "euler" and teacher.config.steps == 20
+    assert student.info.id == "t2v-moving-shapes"
+    assert teacher.info.id == "t2v-moving-shapes-teacher"
+    for part in ("autoencoder/model.safetensors", "autoencoder/config.json"):
+        assert (DEFAULT_MODEL_DIR / part).read_bytes() == (TEACHER_MODEL_DIR / part).read_bytes()
+
+
+def test_a_folder_named_like_a_bundled_model_is_the_folder(tmp_path, monkeypatch):
+    from t2v.pipeline_config import DEFAULT_MODEL_DIR, TEACHER_MODEL_DIR, model_folder, model_id
+
+    assert model_folder(None) == DEFAULT_MODEL_DIR
+    assert model_folder("t2v-moving-shapes-teacher") == TEACHER_MODEL_DIR
+    assert model_id(model_folder("t2v-moving-shapes")) == "t2v-moving-shapes"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t2v-moving-shapes-teacher").mkdir()
+    assert model_folder("t2v-moving-shapes-teacher") == Path("t2v-moving-shapes-teacher")
+    assert model_folder("elsewhere") == Path("elsewhere")

@@ -469,6 +469,41 @@ def test_an_unknown_key_in_the_yaml_file_is_named(tmp_path, capsys, shards):
     assert "Unknown config key 'stages.autoencoder.warmpu'" in capsys.readouterr().err
 
 
+def test_the_gpu_recipe_is_the_cpu_recipe_at_4x_the_batch_and_a_quarter_of_the_steps():
+    root = Path(__file__).parents[1] / "configs"
+    cpu = cfg.load(TrainConfig, root / "moving-shapes.yaml")
+    gpu = cfg.load(TrainConfig, root / "moving-shapes-gpu.yaml")
+    assert gpu.device == "cuda"
+    assert replace(gpu, run_dir=cpu.run_dir, device=cpu.device, stages=cpu.stages) == cpu
+    for stage in ("autoencoder", "generator", "distill"):
+        c, g = cpu.stage(stage), gpu.stage(stage)
+        assert (g.batch_size, 4 * g.steps, 4 * g.warmup) == (4 * c.batch_size, c.steps, c.warmup)
+        assert g.lr == pytest.approx(2 * c.lr)
+        assert g.ema_decay == pytest.approx(c.ema_decay**4, abs=0.002)
+
+
+def test_a_config_with_a_base_names_only_what_it_changes(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(
+        "seed: 3\nstages:\n  generator: {steps: 10, lr: 1.0e-3}\n  distill: {steps: 4}\n"
+    )
+    (tmp_path / "variant.yaml").write_text(
+        "base: recipe.yaml\ndevice: cpu\nstages:\n  generator: {lr: 2.0e-3}\n"
+    )
+    c = cfg.load(TrainConfig, tmp_path / "variant.yaml", ["stages.distill.steps=5"])
+    assert (c.seed, c.device, c.stage("generator").steps) == (3, "cpu", 10)
+    assert (c.stage("generator").lr, c.stage("distill").steps) == (2e-3, 5)
+
+
+def test_a_config_that_is_its_own_base_is_named(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(cfg.ConfigError, match="names itself as a base"):
+        cfg.load(TrainConfig, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(cfg.ConfigError, match="must be the path of another config file"):
+        cfg.load(TrainConfig, tmp_path / "c.yaml")
+
+
 # --- non-finite steps --------------------------------------------------------------------------
 
 
@@ -708,19 +743,33 @@ def test_the_attention_loss_teaches_tokens_to_attend_to_their_objects_words():
 
 
 def test_the_config_defaults_are_the_shipped_recipe_and_model():
-    """A config that names nothing builds the model the recipe trains and the package ships."""
+    """A config that names nothing builds the models the recipe trains and the package
+    ships: the generator stage's model is the bundled teacher, the distill stage's student
+    the bundled default."""
     from t2v.models.generator import GeneratorConfig
-    from t2v.pipeline_config import DEFAULT_MODEL_DIR
+    from t2v.pipeline_config import DEFAULT_MODEL_DIR, TEACHER_MODEL_DIR, PipelineConfig
 
     recipe_config = cfg.load(TrainConfig, Path(__file__).parents[1] / "configs/moving-shapes.yaml")
     defaults = TrainConfig()
     for part in ("autoencoder", "text_encoder", "generator", "pipeline", "distill"):
         assert getattr(recipe_config, part) == getattr(defaults, part), part
-    shipped = DEFAULT_MODEL_DIR
-    assert (
-        cfg.load_json(GeneratorConfig, shipped / "generator" / "config.json") == GeneratorConfig()
+    teacher, student = TEACHER_MODEL_DIR, DEFAULT_MODEL_DIR
+    gen = GeneratorConfig()
+    assert cfg.load_json(GeneratorConfig, teacher / "generator" / "config.json") == gen
+    assert cfg.load_json(GeneratorConfig, student / "generator" / "config.json") == replace(
+        gen, cond_dropout=0.0, distilled_guidance=defaults.pipeline.guidance
     )
-    text = cfg.load_json(TextEncoderConfig, shipped / "text_encoder" / "config.json")
-    assert text == replace(TextEncoderConfig(), output_dim=384)  # derived when built
-    ae = cfg.load_json(AutoencoderConfig, shipped / "autoencoder" / "config.json")
-    assert ae == replace(AutoencoderConfig(), scale=ae.scale, shift=ae.shift)  # measured
+    assert cfg.load_json(PipelineConfig, teacher / "pipeline.json") == replace(
+        defaults.pipeline, max_steps=PipelineConfig().max_steps
+    )
+    assert cfg.load_json(PipelineConfig, student / "pipeline.json") == replace(
+        defaults.pipeline,
+        steps=defaults.distill.steps,
+        max_steps=max(defaults.distill.step_counts),
+        sampler="shortcut",
+    )
+    for shipped in (teacher, student):
+        text = cfg.load_json(TextEncoderConfig, shipped / "text_encoder" / "config.json")
+        assert text == replace(TextEncoderConfig(), output_dim=384)  # derived when built
+        ae = cfg.load_json(AutoencoderConfig, shipped / "autoencoder" / "config.json")
+        assert ae == replace(AutoencoderConfig(), scale=ae.scale, shift=ae.shift)  # measured
