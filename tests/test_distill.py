@@ -284,6 +284,11 @@ def test_distilling_a_student_or_nothing_is_one_sentence(tmp_path, student_dir, 
     assert "already a distilled model" in capsys.readouterr().err
     assert main(["train", "distill", "--config", distill_recipe(tmp_path, tmp_path / "none")]) == 2
     assert "No teacher model at" in capsys.readouterr().err
+    # Fine-tuning a student as a velocity model would train its step embedding into noise.
+    recipe = distill_recipe(tmp_path, student_dir)
+    assert main(["train", "generator", "--config", recipe, "--init-from", str(student_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "is a distilled few-step model; fine-tune the model it was distilled from" in err
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from t2v.models.autoencoder import VideoAutoencoder
 from t2v.models.build import build_pipeline
 from t2v.models.generator import LatentGenerator
 from t2v.pipeline import TextToVideoPipeline
+from t2v.pipeline_config import model_folder
 from t2v.sources import ClipSource
 from t2v.text import Tokenizer
 from t2v.train_config import TrainConfig
@@ -50,6 +51,11 @@ def build_generator(
     c = config
     if init_from:  # transfer: every component from a trained model folder
         pipe = TextToVideoPipeline.from_pretrained(init_from, device="cpu")
+        if pipe.generator.config.distilled_guidance is not None:
+            raise TrainingError(
+                f"{init_from} is a distilled few-step model; fine-tune the model it was "
+                "distilled from (for the bundled one, t2v-moving-shapes-teacher), then distil."
+            )
         tokenizer = getattr(pipe.text_encoder, "tokenizer", None)
         if isinstance(tokenizer, Tokenizer) and main:
             out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +91,7 @@ def build_student(
     folder's components, with a generator that also takes the step size, starting from the
     teacher's weights (its step embedding starts at zero, so it starts as the teacher)."""
     folder = init_from or config.distill.teacher or str(Path(config.run_dir) / "model")
-    if not (Path(folder) / "pipeline.json").is_file():
+    if not (model_folder(folder) / "pipeline.json").is_file():
         raise TrainingError(
             f"No teacher model at {folder}; train the generator stage first, or name one "
             "with distill.teacher or --init-from."
